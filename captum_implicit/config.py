@@ -1,0 +1,42 @@
+"""Global knobs for blockwise computation (memory vs. speed)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from collections.abc import Iterator
+
+
+@dataclass
+class Config:
+    """Tile size and per-block element budget used by :mod:`captum_implicit.ops`.
+
+    ``tile`` is the side of the square ``(rows, cols)`` tiles that every reduction
+    walks; ``max_block_elements`` caps ``batch × channels × rows × cols`` of one
+    block (times a family's cost factor, e.g. the SSM state size), which bounds
+    peak memory independently of the channel count.
+    """
+
+    tile: int = 256
+    max_block_elements: int = 1 << 22
+
+
+config = Config()
+
+
+@contextmanager
+def blockwise(tile: int | None = None, max_block_elements: int | None = None) -> Iterator[Config]:
+    """Temporarily change the tile size / block budget::
+
+        with captum_implicit.config.blockwise(tile=128):
+            attn.aggregate()
+    """
+    old = (config.tile, config.max_block_elements)
+    try:
+        if tile is not None:
+            config.tile = int(tile)
+        if max_block_elements is not None:
+            config.max_block_elements = int(max_block_elements)
+        yield config
+    finally:
+        config.tile, config.max_block_elements = old

@@ -1,0 +1,114 @@
+"""Numerically stable decay kernels (torch reference).
+
+Every gated-linear layer has token-to-token factors of the form
+``exp(Σ_{r=s+1..t} ℓ_r)`` with per-step log-decays ``ℓ ≤ 0``. We never divide
+cumulative products (they underflow to 0/0) and never exponentiate a difference
+of two long float32 cumulative sums (cancellation). Instead:
+
+* cumulative sums are kept in float64 (``cum``), so ``cum_t - cum_s`` is exact to
+  ~1e-16 relative to ``|cum|`` even at 32k tokens;
+* tiles that lie strictly below the diagonal are factorised through a pivot
+  ``p`` with ``s ≤ p < t``: ``exp(a(cum_t-cum_p)) * exp(a(cum_p-cum_s))`` — both
+  exponents are ≤ 0, so nothing overflows and the tile becomes a small matmul;
+* tiles that touch the diagonal use the masked form (``-inf`` above the diagonal
+  *before* ``exp``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def segsum(log_decay: Tensor) -> Tensor:
+    """Masked-cumsum segment sums.
+
+    Parameters
+    ----------
+    log_decay : (..., L)
+        Per-step log-decays ``ℓ``.
+
+    Returns
+    -------
+    (..., L, L)
+        ``out[..., t, s] = Σ_{r=s+1..t} ℓ_r`` for ``s ≤ t`` and ``-inf`` above the diagonal.
+    """
+    length = log_decay.shape[-1]
+    x = log_decay[..., None].expand(*log_decay.shape, length)  # x[t, s] = ℓ_t
+    strictly_lower = torch.ones(length, length, dtype=torch.bool, device=log_decay.device).tril(-1)
+    x = x.masked_fill(~strictly_lower, 0.0)
+    out = torch.cumsum(x, dim=-2)
+    lower = torch.ones(length, length, dtype=torch.bool, device=log_decay.device).tril(0)
+    return out.masked_fill(~lower, float("-inf"))
+
+
+def diagonal_ssm_tile(
+    cum: Tensor,
+    rate: Tensor,
+    c_at: Callable[[slice], Tensor],
+    b_at: Callable[[slice], Tensor],
+    rows: slice,
+    cols: slice,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    """One tile of a diagonal selective-SSM kernel.
+
+    ``α[t, s] = Σ_n C[t, n] · exp(rate[n] · (cum_t − cum_s)) · B[s, n]`` for ``s ≤ t``,
+    0 above the diagonal (Mamba: ``rate = A[d]``, ``cum = cumsum Δ[d]``,
+    ``B = Δ_s B_s``).
+
+    Parameters
+    ----------
+    cum : (b, c, L) float64
+        Cumulative sum of the per-step time scale (``Δ``), per channel.
+    rate : (c, N)
+        Non-positive decay rates.
+    c_at : callable, ``slice -> (b, c | 1, len, N)``
+        Read-out factor ``C`` at the given positions (may broadcast over channels).
+    b_at : callable, ``slice -> (b, c, len, N)``
+        Write factor ``B̄`` (already multiplied by ``Δ_s``) at the given positions.
+    rows, cols : slice
+        Row (query ``t``) and column (key ``s``) ranges of the tile.
+    out_dtype : torch.dtype
+        Dtype of the returned tile (float32 or float64).
+
+    Returns
+    -------
+    (b, c, len(rows), len(cols))
+
+    Cost: ``O(b·c·N·(r+k))`` exponentials and one batched ``(r×N)·(N×k)`` matmul per
+    channel for tiles strictly below the diagonal; ``O(b·c·N·r·k)`` exponentials for
+    the part touching it.
+    """
+    r0, r1 = rows.start, rows.stop
+    k0, k1 = cols.start, cols.stop
+    bsz, nch = cum.shape[0], cum.shape[1]
+    out = torch.zeros(bsz, nch, r1 - r0, k1 - k0, dtype=out_dtype, device=cum.device)
+    if k0 >= r1:  # entirely above the diagonal
+        return out
+    rate64 = rate.to(torch.float64)[None, :, None, :]
+    c_rows = c_at(rows).to(out_dtype)
+    # columns left of the first row: factorise through the pivot p = r0 - 1 (both exponents ≤ 0)
+    split = min(max(r0, k0), k1)
+    if split > k0:
+        left_cols = slice(k0, split)
+        pivot = cum[:, :, r0 - 1, None]
+        left = c_rows * torch.exp((cum[:, :, r0:r1] - pivot)[..., None] * rate64).to(out_dtype)
+        right = b_at(left_cols).to(out_dtype) * torch.exp((pivot - cum[:, :, left_cols])[..., None] * rate64).to(
+            out_dtype
+        )
+        out[..., : split - k0] = left @ right.transpose(-1, -2)
+    if split < k1:  # columns inside the rows' range: masked, elementwise
+        diag_cols = slice(split, k1)
+        diff = cum[:, :, r0:r1, None] - cum[:, :, None, diag_cols]  # (b, c, r, k')
+        t_idx = torch.arange(r0, r1, device=cum.device)[:, None]
+        s_idx = torch.arange(split, k1, device=cum.device)[None, :]
+        expo = diff[..., None] * rate64[:, :, None]  # (b, c, r, k', N)
+        expo = expo.masked_fill(~(s_idx <= t_idx)[..., None], float("-inf"))
+        decay = torch.exp(expo).to(out_dtype)
+        out[..., split - k0 :] = torch.einsum(
+            "bcrn,bcrkn,bckn->bcrk", c_rows.expand(bsz, nch, -1, -1), decay, b_at(diag_cols).to(out_dtype)
+        )
+    return out
