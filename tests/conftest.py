@@ -1,0 +1,50 @@
+"""Shared test helpers: offline mode, relative errors, independent capture of real layer outputs."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
+)
+settings.register_profile("dev", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (the bound the exactness tests state)."""
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+class OutputRecorder:
+    """Record the real input of each named submodule (e.g. every mixer's ``out_proj``), independently of
+    captum-implicit's own hooks. Use as a context manager; ``.inputs[name]`` holds the tensors."""
+
+    def __init__(self, model: torch.nn.Module, suffix: str = "out_proj") -> None:
+        self.model, self.suffix, self.inputs, self._handles = model, suffix, {}, []
+
+    def __enter__(self) -> "OutputRecorder":
+        for name, mod in self.model.named_modules():
+            if name.endswith(self.suffix):
+                owner = name[: -len(self.suffix)].rstrip(".")
+                self._handles.append(
+                    mod.register_forward_pre_hook(
+                        lambda m, a, owner=owner: self.inputs.setdefault(owner, a[0].detach().clone())
+                    )
+                )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
