@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .attention import LayerAttention
-from .errors import CaptureError, NonFiniteError, UnsupportedModelError
+from .errors import CaptureError, InputError, NonFiniteError, UnsupportedModelError
 from .guard import ModelGuard
 from .registry import Adapter, find_adapter
 
@@ -256,6 +256,7 @@ class Capture:
             raise
         except Exception as e:
             raise CaptureError(f"layer {rec.name!r} ({type(rec.module).__name__}): could not build: {e}") from e
+        freeze(attn)
         check_finite(attn)
         return attn
 
@@ -275,6 +276,14 @@ def _get_submodule(module: nn.Module, path: str) -> nn.Module | None:
         return module.get_submodule(path)
     except AttributeError:
         return None
+
+
+def freeze(attn: LayerAttention) -> None:
+    """Detach every captured factor: the explanation is a snapshot of this forward, and a factor that
+    still requires grad (e.g. a view of a conv weight) would make every blockwise reduction build a graph."""
+    for key, value in list(vars(attn).items()):
+        if isinstance(value, Tensor) and value.requires_grad:
+            setattr(attn, key, value.detach())
 
 
 def check_finite(attn: LayerAttention) -> None:
@@ -311,13 +320,45 @@ def implicit_attention(model: nn.Module, *args: Any, **kwargs: Any) -> list[Laye
     NonFiniteError
         An input or captured tensor is NaN/inf.
     """
-    _check_inputs(args, kwargs)
+    check_inputs(model, args, kwargs)
     with Capture(model) as cap, torch.no_grad():
         model(*args, **kwargs)
     return cap.layers
 
 
-def _check_inputs(args: tuple, kwargs: dict) -> None:
+def check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Validate HF-style inputs before running the model, so that mistakes get a clear error.
+
+    Checks: no NaN/inf in floating inputs; ``input_ids`` (first positional or keyword) are integer
+    ``(batch, length)``; ``inputs_embeds`` are floating ``(batch, length, hidden)`` with the embedding width;
+    ``attention_mask`` has the same ``(batch, length)``.
+    """
     for key, value in [*enumerate(args), *kwargs.items()]:
         if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise NonFiniteError(f"model input {key!r} contains NaN or infinite values")
+    if not hasattr(model, "get_input_embeddings"):
+        return
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], Tensor) else None)
+    embeds = kwargs.get("inputs_embeds")
+    shape = None
+    if ids is not None:
+        if ids.is_floating_point() or ids.is_complex():
+            raise InputError(
+                f"input_ids must be integer token ids, got dtype {ids.dtype}; pass embeddings as inputs_embeds="
+            )
+        if ids.dim() != 2:
+            raise InputError(f"input_ids must have shape (batch, length), got {tuple(ids.shape)}")
+        shape = tuple(ids.shape)
+    if embeds is not None:
+        if not embeds.is_floating_point():
+            raise InputError(f"inputs_embeds must be floating point, got dtype {embeds.dtype}")
+        emb = model.get_input_embeddings()
+        width = getattr(emb, "embedding_dim", None)
+        if embeds.dim() != 3 or (width is not None and embeds.shape[-1] != width):
+            raise InputError(
+                f"inputs_embeds must have shape (batch, length, {width}), got {tuple(embeds.shape)}"
+            )
+        shape = tuple(embeds.shape[:2])
+    mask = kwargs.get("attention_mask")
+    if mask is not None and shape is not None and tuple(mask.shape) != shape:
+        raise InputError(f"attention_mask has shape {tuple(mask.shape)}, expected {shape} (batch, length)")

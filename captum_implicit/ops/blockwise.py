@@ -57,7 +57,8 @@ def _combine(acc: Tensor, part: Tensor, reduce: str) -> Tensor:
 
 
 def _finish(acc: Tensor, reduce: str, num_channels: int) -> Tensor:
-    return acc / num_channels if reduce.endswith("mean") else acc
+    # in place: at 32k tokens the (b, L, L) result is the largest tensor we hold
+    return acc.div_(num_channels) if reduce.endswith("mean") else acc
 
 
 def grad_weight(grad: Tensor, values: Tensor, channels: slice, rows: slice, cols: slice) -> Tensor:
@@ -82,8 +83,6 @@ def aggregate(
     tile = tile or config.tile
     bsz, nch, length = attn.batch_size, attn.num_channels, attn.seq_len
     out = torch.zeros(bsz, length, length, dtype=attn.dtype, device=attn.device)
-    if reduce == "max_abs":
-        out.fill_(0.0)
     values = attn.values if grad is not None else None
     for rows, cols in causal_tiles(length, tile):
         acc = None
