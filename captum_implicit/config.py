@@ -5,6 +5,10 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -19,6 +23,11 @@ class Config:
 
     tile: int = 256
     max_block_elements: int = 1 << 22
+    #: GPUs have the memory and want fewer, larger launches
+    max_block_elements_cuda: int = 1 << 27
+
+    def budget(self, device: "torch.device | str") -> int:
+        return self.max_block_elements_cuda if str(device).startswith("cuda") else self.max_block_elements
 
 
 config = Config()
@@ -31,12 +40,12 @@ def blockwise(tile: int | None = None, max_block_elements: int | None = None) ->
         with captum_implicit.config.blockwise(tile=128):
             attn.aggregate()
     """
-    old = (config.tile, config.max_block_elements)
+    old = (config.tile, config.max_block_elements, config.max_block_elements_cuda)
     try:
         if tile is not None:
             config.tile = int(tile)
         if max_block_elements is not None:
-            config.max_block_elements = int(max_block_elements)
+            config.max_block_elements = config.max_block_elements_cuda = int(max_block_elements)
         yield config
     finally:
-        config.tile, config.max_block_elements = old
+        config.tile, config.max_block_elements, config.max_block_elements_cuda = old

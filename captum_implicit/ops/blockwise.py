@@ -23,10 +23,12 @@ if TYPE_CHECKING:
 REDUCTIONS = ("mean", "sum", "abs_mean", "abs_sum", "max_abs", "positive_mean", "positive_sum")
 
 
-def channel_blocks(num_channels: int, per_channel_elements: int, cost_factor: int = 1) -> Iterator[slice]:
-    """Split ``range(num_channels)`` so that one block's tile holds at most
-    ``config.max_block_elements`` elements (times the family's ``cost_factor``)."""
-    budget = max(1, config.max_block_elements // max(1, per_channel_elements * cost_factor))
+def channel_blocks(
+    num_channels: int, per_channel_elements: int, cost_factor: int = 1, device: torch.device | str = "cpu"
+) -> Iterator[slice]:
+    """Split ``range(num_channels)`` so that one block's tile holds at most the configured number of
+    elements (``config.budget(device)``, divided by the family's ``cost_factor``)."""
+    budget = max(1, config.budget(device) // max(1, per_channel_elements * cost_factor))
     for start in range(0, num_channels, budget):
         yield slice(start, min(start + budget, num_channels))
 
@@ -87,7 +89,7 @@ def aggregate(
     for rows, cols in causal_tiles(length, tile):
         acc = None
         per_channel = bsz * (rows.stop - rows.start) * (cols.stop - cols.start)
-        for ch in channel_blocks(nch, per_channel, attn.cost_factor):
+        for ch in channel_blocks(nch, per_channel, attn.cost_factor, attn.device):
             blk = attn.block(ch, rows, cols)
             if grad is not None:
                 blk = blk * grad_weight(grad.to(blk.dtype), values.to(blk.dtype), ch, rows, cols)
@@ -105,7 +107,7 @@ def row(attn: LayerAttention, index: int, reduce: str | None = None, grad: Tenso
     index = index % length
     rows, cols = slice(index, index + 1), slice(0, index + 1)
     parts = []
-    for ch in channel_blocks(nch, bsz * length, attn.cost_factor):
+    for ch in channel_blocks(nch, bsz * length, attn.cost_factor, attn.device):
         blk = attn.block(ch, rows, cols)
         if grad is not None:
             blk = blk * grad_weight(grad.to(blk.dtype), attn.values.to(blk.dtype), ch, rows, cols)
@@ -129,7 +131,7 @@ def dense(attn: LayerAttention, channels: Tensor | slice | None = None, tile: in
     out = torch.zeros(attn.batch_size, len(index), length, length, dtype=attn.dtype, device=attn.device)
     for rows, cols in causal_tiles(length, tile):
         per_channel = attn.batch_size * (rows.stop - rows.start) * (cols.stop - cols.start)
-        for ch in channel_blocks(len(index), per_channel, attn.cost_factor):
+        for ch in channel_blocks(len(index), per_channel, attn.cost_factor, attn.device):
             out[:, ch, rows, cols] = attn.block(index[ch], rows, cols)
     return out
 
@@ -152,7 +154,7 @@ def apply(
     values = values.to(attn.dtype)
     for rows, cols in causal_tiles(length, tile):
         per_channel = bsz * (rows.stop - rows.start) * (cols.stop - cols.start)
-        for ch in channel_blocks(nch, per_channel, attn.cost_factor):
+        for ch in channel_blocks(nch, per_channel, attn.cost_factor, attn.device):
             out[:, ch, rows] += block_fn(ch, rows, cols) @ values[:, ch, cols]
     return out
 
