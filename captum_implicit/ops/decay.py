@@ -44,6 +44,10 @@ def segsum(log_decay: Tensor) -> Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
+#: rows per chunk on the diagonal; the masked elementwise part costs O(chunk) per row
+DIAGONAL_CHUNK = 32
+
+
 def diagonal_ssm_tile(
     cum: Tensor,
     rate: Tensor,
@@ -89,26 +93,32 @@ def diagonal_ssm_tile(
     if k0 >= r1:  # entirely above the diagonal
         return out
     rate64 = rate.to(torch.float64)[None, :, None, :]
-    c_rows = c_at(rows).to(out_dtype)
-    # columns left of the first row: factorise through the pivot p = r0 - 1 (both exponents ≤ 0)
-    split = min(max(r0, k0), k1)
-    if split > k0:
-        left_cols = slice(k0, split)
-        pivot = cum[:, :, r0 - 1, None]
-        left = c_rows * torch.exp((cum[:, :, r0:r1] - pivot)[..., None] * rate64).to(out_dtype)
-        right = b_at(left_cols).to(out_dtype) * torch.exp((pivot - cum[:, :, left_cols])[..., None] * rate64).to(
-            out_dtype
-        )
-        out[..., : split - k0] = left @ right.transpose(-1, -2)
-    if split < k1:  # columns inside the rows' range: masked, elementwise
-        diag_cols = slice(split, k1)
-        diff = cum[:, :, r0:r1, None] - cum[:, :, None, diag_cols]  # (b, c, r, k')
-        t_idx = torch.arange(r0, r1, device=cum.device)[:, None]
-        s_idx = torch.arange(split, k1, device=cum.device)[None, :]
-        expo = diff[..., None] * rate64[:, :, None]  # (b, c, r, k', N)
-        expo = expo.masked_fill(~(s_idx <= t_idx)[..., None], float("-inf"))
-        decay = torch.exp(expo).to(out_dtype)
-        out[..., split - k0 :] = torch.einsum(
-            "bcrn,bcrkn,bckn->bcrk", c_rows.expand(bsz, nch, -1, -1), decay, b_at(diag_cols).to(out_dtype)
-        )
+    # Walk the rows in chunks; for each chunk, columns left of it factorise through the pivot just before
+    # the chunk (both exponents ≤ 0, a rank-N matmul), and only the chunk's own diagonal square needs the
+    # masked elementwise form. This keeps the O(r·k·N) exponentials to O(r·DIAGONAL_CHUNK·N).
+    for a0 in range(r0, r1, DIAGONAL_CHUNK if k1 > r0 else r1 - r0):
+        a1 = min(a0 + DIAGONAL_CHUNK, r1) if k1 > r0 else r1
+        chunk = slice(a0, a1)
+        c_rows = c_at(chunk).to(out_dtype)
+        split = min(max(a0, k0), k1)
+        if split > k0:
+            left_cols = slice(k0, split)
+            pivot = cum[:, :, a0 - 1, None]
+            left = c_rows * torch.exp((cum[:, :, chunk] - pivot)[..., None] * rate64).to(out_dtype)
+            right = b_at(left_cols).to(out_dtype) * torch.exp(
+                (pivot - cum[:, :, left_cols])[..., None] * rate64
+            ).to(out_dtype)
+            out[:, :, a0 - r0 : a1 - r0, : split - k0] = left @ right.transpose(-1, -2)
+        stop = min(a1, k1)
+        if split < stop:  # the chunk's diagonal square: masked, elementwise
+            diag_cols = slice(split, stop)
+            diff = cum[:, :, chunk, None] - cum[:, :, None, diag_cols]  # (b, c, r', k')
+            t_idx = torch.arange(a0, a1, device=cum.device)[:, None]
+            s_idx = torch.arange(split, stop, device=cum.device)[None, :]
+            expo = diff[..., None] * rate64[:, :, None]  # (b, c, r', k', N)
+            expo = expo.masked_fill(~(s_idx <= t_idx)[..., None], float("-inf"))
+            decay = torch.exp(expo).to(out_dtype)
+            out[:, :, a0 - r0 : a1 - r0, split - k0 : stop - k0] = torch.einsum(
+                "bcrn,bcrkn,bckn->bcrk", c_rows.expand(bsz, nch, -1, -1), decay, b_at(diag_cols).to(out_dtype)
+            )
     return out
