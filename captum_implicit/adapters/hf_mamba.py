@@ -79,11 +79,13 @@ def _mamba_functions(model: str) -> tuple[str, ...]:
     return (f"{base}.mamba_selective_scan", f"{base}.causal_conv1d_fn", f"{base}.mamba_selective_state_update")
 
 
-for _model, _cls, _note in [
-    ("mamba", "MambaMixer", "MambaModel / MambaForCausalLM"),
-    ("falcon_mamba", "FalconMambaMixer", "B/C/Δ RMS norms are part of the captured scan arguments"),
-    ("jamba", "JambaMambaMixer", "hybrid: Mamba layers"),
-    ("zamba", "ZambaMambaMixer", "multi-head: one scan per head, interleaved in_proj"),
+_GPU_KERNELS = "mamba-ssm CUDA selective scan + causal-conv1d (when installed), fp32/bf16"
+
+for _model, _cls, _gpu, _note in [
+    ("mamba", "MambaMixer", _GPU_KERNELS, "MambaModel / MambaForCausalLM"),
+    ("falcon_mamba", "FalconMambaMixer", "", "B/C/Δ RMS norms are part of the captured scan arguments"),
+    ("jamba", "JambaMambaMixer", "", "hybrid: its attention layers are a separate family"),
+    ("zamba", "ZambaMambaMixer", "", "multi-head: one scan per head, interleaved in_proj"),
 ]:
     register_adapter(
         Adapter(
@@ -92,6 +94,8 @@ for _model, _cls, _note in [
             build=build_hf_mamba,
             functions=_mamba_functions(_model),
             output_module="out_proj",
+            padding="honoured (mask as a column scaling)",
+            gpu=_gpu,
             notes=_note,
         ),
         first=False,

@@ -46,6 +46,14 @@ class Adapter:
     prepare : callable ``(module) -> undo`` or None
         Temporary per-instance change needed for capture (e.g. ``use_fast_path=False``);
         returns a callable that restores the module.
+    cpu : str
+        Whether the CPU exactness tests cover this class (for the generated support table).
+    padding : str
+        How padding masks are handled (for the generated support table).
+    gpu : str
+        Which GPU kernels the exactness tests cover (for the generated support table).
+    notes : str
+        Anything else a user should know (for the generated support table).
     """
 
     family: str
@@ -55,6 +63,9 @@ class Adapter:
     submodule_inputs: tuple[str, ...] = ()
     output_module: str | None = "out_proj"
     prepare: Callable[[nn.Module], Callable[[], None]] | None = None
+    cpu: str = "yes"
+    padding: str = ""
+    gpu: str = ""
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
