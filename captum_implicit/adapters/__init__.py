@@ -4,3 +4,5 @@ from . import hf_mamba, mamba_ssm  # noqa: F401
 from . import hf_gated_deltanet  # noqa: F401
 from . import hf_kda  # noqa: F401
 from . import hf_xlstm  # noqa: F401
+from . import hf_minimax  # noqa: F401
+from . import hf_lfm2  # noqa: F401
