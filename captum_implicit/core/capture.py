@@ -46,6 +46,7 @@ class Recording:
     kwargs: dict[str, Any] = field(default_factory=dict)
     calls: list[Call] = field(default_factory=list)
     submodule_inputs: dict[str, list[tuple]] = field(default_factory=dict)
+    submodule_kwargs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # keyword inputs, same order
     output_input: Tensor | None = None  # the tensor entering the output projection
     output: Any = None
     attention: LayerAttention | None = None
@@ -182,7 +183,8 @@ class Capture:
         for sub in adapter.submodule_inputs:
             submodule = _get_submodule(module, sub)
             if submodule is not None:
-                guard.add_undo(submodule.register_forward_pre_hook(self._submodule_hook(module, sub)).remove)
+                hook = self._submodule_hook(module, sub)
+                guard.add_undo(submodule.register_forward_pre_hook(hook, with_kwargs=True).remove)
         if adapter.output_module is not None:
             out_mod = _get_submodule(module, adapter.output_module)
             if out_mod is not None:
@@ -195,10 +197,11 @@ class Capture:
         return rec if owner is None or rec.module is owner else None
 
     def _submodule_hook(self, owner: nn.Module, sub: str) -> Callable:
-        def hook(mod: nn.Module, args: tuple) -> None:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
             rec = self._current(owner)
             if rec is not None:
                 rec.submodule_inputs.setdefault(sub, []).append(args)
+                rec.submodule_kwargs.setdefault(sub, []).append(dict(kwargs))
 
         return hook
 
