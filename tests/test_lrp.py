@@ -20,8 +20,8 @@ transformers = pytest.importorskip("transformers")
 from transformers import MambaConfig, MambaForCausalLM  # noqa: E402
 from zennit.attribution import Gradient  # noqa: E402
 from zennit.canonizers import AttributeCanonizer  # noqa: E402
-from zennit.composites import COMPOSITES, EpsilonPlus  # noqa: E402
-from zennit.rules import Epsilon  # noqa: E402
+from zennit.composites import COMPOSITES, EpsilonPlus, LayerMapComposite  # noqa: E402
+from zennit.rules import Epsilon, Gamma, ZPlus  # noqa: E402
 
 from captum_implicit.lrp import (  # noqa: E402
     MAMBALRP_RULES,
@@ -30,6 +30,7 @@ from captum_implicit.lrp import (  # noqa: E402
     GatedLinearRules,
     GIEpsilon,
     GIGamma,
+    GIRule,
     LRPError,
     MambaLRPComposite,
     identity_rule,
@@ -179,6 +180,22 @@ def test_primitives_values_and_gradients():
     z = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(proportional(z, z + 1).sum(), z)
     assert torch.equal(g, torch.zeros(3, dtype=torch.float64))  # x = 0 carries no relevance; no NaN
+
+
+@pytest.mark.parametrize("make", [lambda: Epsilon(0.05), lambda: Gamma(0.25), lambda: ZPlus()])
+def test_gi_rule_equals_zennit_rule(make):
+    """On a network of Linear layers only (Zennit's relevance flows between hooked modules without
+    functional code in between), GIRule(rule) in the GI convention gives Zennit's own relevance."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4), nn.Linear(4, 3)).double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    onehot = F.one_hot(torch.tensor([0, 2]), 3).double()
+    with Gradient(net, LayerMapComposite([(nn.Linear, make())])) as attributor:
+        _, ref = attributor(x, attr_output=lambda out: out * onehot)  # Zennit: initial relevance = the logit
+    xg = x.clone().requires_grad_()
+    with LayerMapComposite([(nn.Linear, GIRule(make()))]).context(net):
+        (g,) = torch.autograd.grad((net(xg) * onehot).sum(), xg)
+    assert rel_err(xg * g, ref) < 1e-12
 
 
 # ----------------------------------------------------------------------------- values unchanged

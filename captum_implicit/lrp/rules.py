@@ -21,12 +21,35 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from zennit.core import BasicHook, Hook, ParamMod, RemovableHandle, RemovableHandleList
+from torch.nn.utils.stateless import _reparametrize_module
+from zennit.core import BasicHook, Hook, ParamMod, RemovableHandle, RemovableHandleList, zero_wrap
 from zennit.rules import Epsilon, Gamma, ZPlus
 
 
+def _modified_parameters(param_mod: Any, module: nn.Module) -> dict[str, Tensor]:
+    """The parameters a Zennit ``ParamMod`` would set (its semantics in 0.5 and 1.0), without touching ``module``.
+
+    Zennit 1.0 applies a ParamMod with ``load_state_dict(assign=True)``, which leaves new
+    ``Parameter`` objects behind; we swap them only for the one modified forward instead.
+    """
+    pm = ParamMod.ensure(param_mod)
+    keys = pm.param_keys
+    if keys is None:
+        keys = [name for name, _ in module.named_parameters(recurse=False)]
+    missing = [key for key in keys if not hasattr(module, key)]
+    if pm.require_params and missing:
+        raise RuntimeError(f"Module {module} requires missing parameters: {missing}")
+    modifier = zero_wrap(pm.zero_params or [])(pm.modifier)
+    out = {}
+    for key in keys:
+        param = None if key in missing else getattr(module, key)
+        if param is not None:
+            out[key] = modifier(param.detach(), key)
+    return out
+
+
 def zennit_relevance(rule: BasicHook, module: nn.Module, x: Tensor, relevance: Tensor) -> Tensor:
-    """Input relevance of a Zennit ``BasicHook`` rule for one call of ``module`` (Zennit's backward, verbatim).
+    """Input relevance of a Zennit ``BasicHook`` rule for one call of ``module`` (Zennit's backward).
 
     Parameters
     ----------
@@ -47,8 +70,8 @@ def zennit_relevance(rule: BasicHook, module: nn.Module, x: Tensor, relevance: T
         inputs, outputs = [], []
         for in_mod, param_mod, out_mod in zip(rule.input_modifiers, rule.param_modifiers, rule.output_modifiers):
             inp = in_mod(x).requires_grad_()
-            with ParamMod.ensure(param_mod)(module) as modified:
-                out = out_mod(type(modified).forward(modified, inp))  # class forward: no hooks, no canonized swap
+            with _reparametrize_module(module, _modified_parameters(param_mod, module)):
+                out = out_mod(type(module).forward(module, inp))  # class forward: no hooks, no canonized swap
             inputs.append(inp)
             outputs.append(out)
         grad_outputs = rule.gradient_mapper(relevance, outputs)
