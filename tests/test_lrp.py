@@ -311,8 +311,8 @@ def test_plain_zennit_epsilon_plus_does_not_conserve():
     onehot = F.one_hot(torch.tensor([5]), 32).double()
     with Gradient(EmbToLogits(model), EpsilonPlus()) as attributor:
         out, rel = attributor(emb, attr_output=onehot)
-    f = float(out[0, 5])
-    ratio_zennit, ratio_gi = float(rel.sum()) / f, float((emb * rel).sum()) / f
+    f = float(out[0, 5].detach())
+    ratio_zennit, ratio_gi = float(rel.sum().detach()) / f, float((emb * rel).sum().detach()) / f
     assert abs(ratio_zennit - 1) > 0.5 and abs(ratio_gi - 1) > 0.5, (ratio_zennit, ratio_gi)
     R, f = conservation(model, ids, torch.tensor([5]))
     assert conservation_error(R, f) <= CONSERVE
