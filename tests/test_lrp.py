@@ -294,8 +294,9 @@ def test_ablation_breaks_conservation(rule):
 
 
 def test_plain_zennit_epsilon_plus_does_not_conserve():
-    """Relevance-convention Zennit rules around functional code: measured Σ R / f ≈ 1e6 (Zennit's
-    returned relevance) and ≈ −1e3 (input × that), vs 1 ± 1e-14 for GatedLinearComposite."""
+    """Relevance-convention Zennit rules around functional code (biases zero, float64). Measured on this
+    model: Σ R / f = −4539 (Zennit's returned relevance) and +452 (embedding × that); on hidden 32 /
+    3 layers: 2.7e6 and −2263. GatedLinearComposite on the same model: 1 ± 1e-15."""
     model = tiny_mamba(seed=0, hidden=16, layers=2)
 
     class EmbToLogits(nn.Module):
