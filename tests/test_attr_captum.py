@@ -254,10 +254,22 @@ def test_model_left_exactly_as_it_was(name, frozen) -> None:
     assert bool(torch.isfinite(out).all()) and out.abs().sum() > 0
     assert_unchanged(model, before)
     assert (mm.mamba_selective_scan, mm.causal_conv1d_fn) == kernels
-    with pytest.raises(Exception):
-        cls(model).attribute(ids, target=10_000, **kw) if name in GRADIENT else cls(model).attribute(
-            ids, additional_forward_args=(torch.ones(2, 3, dtype=torch.long),), **kw
-        )
+    if name in GRADIENT:  # fails after the forward, while the capture is active
+        with pytest.raises(Exception):
+            cls(model).attribute(ids, target=10_000, **kw)
+        assert_unchanged(model, before)
+
+    def crash(mod, args, out):
+        raise RuntimeError("boom")
+
+    handle = model.backbone.layers[1].register_forward_hook(crash)  # fails mid-forward, layer 0 captured
+    try:
+        with_crash = snapshot(model)
+        with pytest.raises(RuntimeError, match="boom"):
+            cls(model).attribute(ids, target=4, **kw)
+        assert_unchanged(model, with_crash)
+    finally:
+        handle.remove()
     assert_unchanged(model, before)
     assert (mm.mamba_selective_scan, mm.causal_conv1d_fn) == kernels
 

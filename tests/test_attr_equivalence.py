@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _attr_models import tiny_mamba_lm
+from _attr_models import ToyMixer, tiny_mamba_lm, toy_registered
 from conftest import OutputRecorder, rel_err
 
 from captum_implicit import ImplicitAttnGrad, MambaAttr
@@ -39,6 +39,37 @@ def _score(model, ids, mask, q):
     return out[torch.arange(ids.shape[0]), q, TARGET].sum()
 
 
+def dense_attn_grad_maps(model, layers, score_fn):
+    """Per layer, ``mean_c (A ⊙ ∂f/∂A)⁺`` by autograd through a dense ``A`` substituted into the model."""
+    maps = []
+    for attn in layers:
+        dense = attn.dense().detach().requires_grad_(True)  # (b, C, L, L)
+        offset = attn.offset.detach() if attn.offset is not None else 0.0
+        y = attn.to_output_layout(dense @ attn.values.detach() + offset)
+
+        def substitute(mod, args, y=y):
+            assert rel_err(y, args[0]) < 1e-12  # the dense reconstruction is what the layer computed
+            return (y,)
+
+        handle = model.get_submodule(attn.name).out_proj.register_forward_pre_hook(substitute)
+        try:
+            score_fn().backward(inputs=[dense])
+        finally:
+            handle.remove()
+        maps.append((dense.detach() * dense.grad).clamp(min=0).mean(1))
+    return maps
+
+
+def dense_rollout_row(maps, q):
+    """Row q of F_n ··· F_1, F = rownorm(I + Ā), by dense matrix products."""
+    eye = torch.eye(maps[0].shape[-1], dtype=maps[0].dtype)
+    full = None
+    for m in maps:
+        f = (eye + m) / (eye + m).sum(-1, keepdim=True)
+        full = f if full is None else f @ full
+    return full[torch.arange(full.shape[0]), q]
+
+
 @pytest.mark.parametrize("padding", [None, "right", "left"])
 def test_blockwise_attn_grad_equals_dense_autograd(padding) -> None:
     model = tiny_mamba_lm(2)
@@ -49,41 +80,63 @@ def test_blockwise_attn_grad_equals_dense_autograd(padding) -> None:
     run = method._run((ids,), TARGET, afa, None, grad_to="output")
     assert torch.equal(run.queries, q)
     got = list(reversed(list(attn_grad_maps(run, 0))))  # forward order
+    want = dense_attn_grad_maps(model, run.layers, lambda: _score(model, ids, mask, q))
+    if mask is not None:
+        want = [w * mask[:, None, :].double() for w in want]
+    for layer_idx, (g, w) in enumerate(zip(got, want)):
+        assert rel_err(g, w) < 1e-10, (layer_idx, rel_err(g, w))
 
-    for layer_idx, attn in enumerate(run.layers):
-        dense = attn.dense().detach().requires_grad_(True)  # (b, C, L, L)
-        values = attn.values.detach()
-        offset = attn.offset.detach() if attn.offset is not None else 0.0
-        y = attn.to_output_layout(dense @ values + offset)
-        owner = model.get_submodule(attn.name)
-
-        def substitute(mod, args, y=y):
-            assert rel_err(y, args[0]) < 1e-12  # the dense reconstruction is what the layer computed
-            return (y,)
-
-        handle = owner.out_proj.register_forward_pre_hook(substitute)
-        try:
-            _score(model, ids, mask, q).backward(inputs=[dense])
-        finally:
-            handle.remove()
-        want = (dense.detach() * dense.grad).clamp(min=0).mean(1)
-        if mask is not None:
-            want = want * mask[:, None, :].double()
-        assert rel_err(got[layer_idx], want) < 1e-10, (layer_idx, rel_err(got[layer_idx], want))
-
-        if layer_idx == 0:
-            dense_maps = []
-        dense_maps.append(want)
-
-    # relevance = row q of F_2 F_1 with F = rownorm(I + Ā), by dense matrix products
     rel = method.attribute(ids, target=TARGET, additional_forward_args=afa)
-    eye = torch.eye(ids.shape[1], dtype=torch.float64)
-    f = [(eye + m) / (eye + m).sum(-1, keepdim=True) for m in dense_maps]
-    full = f[1] @ f[0]
-    want_rel = full[torch.arange(ids.shape[0]), q]
-    assert rel_err(rel, want_rel) < 1e-10
+    assert rel_err(rel, dense_rollout_row(want, q)) < 1e-10
     if mask is not None:
         assert bool((rel[mask == 0] == 0).all())
+
+
+class _ToyBlock(torch.nn.Module):
+    def __init__(self, channels, length):
+        super().__init__()
+        self.mixer = ToyMixer(channels, length, seed=3)
+
+    def forward(self, h):
+        return h + self.mixer(h)
+
+
+class HybridLM(torch.nn.Module):
+    """Mamba block, a block of another registered family (the toy layer), Mamba block: one rollout."""
+
+    def __init__(self):
+        super().__init__()
+        lm = tiny_mamba_lm(2)
+        self.embeddings, self.norm, self.head = lm.backbone.embeddings, lm.backbone.norm_f, lm.lm_head
+        self.block0, self.block2 = lm.backbone.layers
+        self.block1 = _ToyBlock(lm.config.hidden_size, 9)
+        with torch.no_grad():
+            self.block1.mixer.weight.mul_(0.2)
+
+    def forward(self, input_ids):
+        h = self.embeddings(input_ids)
+        h = self.block2(self.block1(self.block0(h)))
+        return self.head(self.norm(h))
+
+
+def test_hybrid_layers_enter_the_rollout_uniformly() -> None:
+    model = HybridLM()
+    ids, _ = _inputs(None)
+    q = _last(None, ids)
+    with toy_registered():
+        method = ImplicitAttnGrad(model)
+        run = method._run((ids,), TARGET, (), None, grad_to="output")
+        assert [a.family for a in run.layers] == ["mamba", "toy", "mamba"]
+        got = list(reversed(list(attn_grad_maps(run, 0))))
+        score = lambda: model(ids)[torch.arange(ids.shape[0]), q, TARGET].sum()  # noqa: E731
+        want = dense_attn_grad_maps(model, run.layers, score)
+        for g, w in zip(got, want):
+            assert rel_err(g, w) < 1e-10
+        assert rel_err(method.attribute(ids, target=TARGET), dense_rollout_row(want, q)) < 1e-10
+        # the published Mamba-Attr is defined on S6 layers only: it skips the toy layer
+        assert MambaAttr(model).attribute(ids, target=TARGET, start_layer=1).shape == ids.shape
+        with pytest.raises(ValueError, match="start_layer"):
+            MambaAttr(model).attribute(ids, target=TARGET, start_layer=2)
 
 
 def test_s6_row_reconstructs_the_scan() -> None:

@@ -62,7 +62,8 @@ def test_attn_grad_two_layers() -> None:
     for b in range(ids.shape[0]):
         x = model.embed.weight.detach()[ids[b]]
         y1 = torch.einsum("cts,sc->tc", W1, x)
-        # layer 2: ∂f/∂y2[t, c] = δ_tq H[c, k], values y1; layer 1: ∂f/∂y1[t, c] = W2[c, q, t] H[c, k], values x
+        # layer 2: ∂f/∂y2[t, c] = δ_tq H[c, k], values y1
+        # layer 1: ∂f/∂y1[t, c] = W2[c, q, t] H[c, k], values x
         a2 = [[0.0] * L for _ in range(L)]
         a1 = [[0.0] * L for _ in range(L)]
         for t in range(L):
@@ -102,7 +103,7 @@ def test_raw_row_and_matrix(reduce: str) -> None:
 
 
 def test_uia_one_layer() -> None:
-    """UIA: s = minmax(max_c (∂f/∂x)⁺), v = minmax(mean_c W[c,q,:]⁺ ⊙ s), rank-1 rollout: (v + e_q)/(1+Σv)."""
+    """UIA: s = minmax(max_c (∂f/∂x)⁺), v = minmax(mean_c W[c,q,:]⁺ ⊙ s); rank-1 rollout (v + e_q)/(1+Σv)."""
     model = ToyClassifier(C, L, depth=1, classes=K)
     ids, k, q = _ids(), 1, L - 1
     got = ImplicitAttnGrad(model).attribute(ids, target=k, method="uia")

@@ -120,7 +120,9 @@ class ImplicitAttributionMixin:
     ) -> Run:
         model = resolve_model(self.forward_func, self.model)
         if inputs[0].dim() < 2:
-            raise InputError(f"the first input must be (B, L) token ids or (B, L, D) embeddings, got {tuple(inputs[0].shape)}")
+            raise InputError(
+                f"the first input must be (B, L) token ids or (B, L, D) embeddings, got {tuple(inputs[0].shape)}"
+            )
         mask = padding_mask(self.forward_func, inputs, additional_forward_args)
         anchors = _anchors(model, grad_to)
         with Capture(model, track_grad=grad_to == "output") as cap:
@@ -139,7 +141,9 @@ class ImplicitAttributionMixin:
         batch, length = layers[0].batch_size, layers[0].seq_len
         for attn in layers:
             if (attn.batch_size, attn.seq_len) != (batch, length):
-                raise CaptureError(f"layer {attn.name!r} ran on {(attn.batch_size, attn.seq_len)}, expected {(batch, length)}")
+                raise CaptureError(
+                    f"layer {attn.name!r} ran on {(attn.batch_size, attn.seq_len)}, expected {(batch, length)}"
+                )
         queries = resolve_queries(query_position, mask, batch, length).to(layers[0].device)
         if mask is not None:
             mask = mask.to(layers[0].device)
@@ -219,7 +223,11 @@ def _backward_to_blocks(
 
 
 def query_rows(
-    attn: LayerAttention, queries: Tensor, reduce: str | None, grad: Tensor | None = None, row_fn: Callable | None = None
+    attn: LayerAttention,
+    queries: Tensor,
+    reduce: str | None,
+    grad: Tensor | None = None,
+    row_fn: Callable | None = None,
 ) -> Tensor:
     """Each example's query row of ``attn``: ``(B, L)`` reduced, or ``(B, C, L)`` with ``reduce=None``.
 
