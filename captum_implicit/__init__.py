@@ -4,9 +4,18 @@ Entry points:
 
 * :func:`implicit_attention` — capture every supported layer's factored attention;
 * :class:`LayerAttention` — the per-layer object (``dense``, ``aggregate``, ``row``, ``output``);
-* :func:`register_adapter` — support your own layer class.
+* :func:`register_adapter` — support your own layer class;
+* Captum attributions: :class:`ImplicitAttnGrad`, :class:`ImplicitAttentionRollout`,
+  :class:`ImplicitAttention`, :class:`MambaAttr`, :class:`ImplicitLLMAttribution`.
 """
 
+from .attr import (
+    ImplicitAttention,
+    ImplicitAttentionRollout,
+    ImplicitAttnGrad,
+    ImplicitLLMAttribution,
+    MambaAttr,
+)
 from .config import blockwise, config
 from .core.attention import LayerAttention
 from .core.capture import Capture, implicit_attention
@@ -26,8 +35,13 @@ __all__ = [
     "CaptumImplicitError",
     "Capture",
     "CaptureError",
+    "ImplicitAttention",
+    "ImplicitAttentionRollout",
+    "ImplicitAttnGrad",
+    "ImplicitLLMAttribution",
     "InputError",
     "LayerAttention",
+    "MambaAttr",
     "NonFiniteError",
     "UnsupportedModelError",
     "blockwise",

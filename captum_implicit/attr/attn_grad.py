@@ -1,0 +1,146 @@
+"""Implicit attention × gradient with rollout (Chefer et al. 2021), and the published UIA pipeline."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
+from captum.attr import GradientAttribution
+from captum.log import log_usage
+from torch import Tensor, nn
+
+from ._base import ImplicitAttributionMixin, Run, prepare
+from ._rollout import rollout_row
+from ._utils import QueryType, one_hot_rows
+
+
+class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
+    r"""Implicit-attention × gradient, rolled out over layers (Chefer, Gur & Wolf, 2021).
+
+    For every captured layer ``l`` (any family: Mamba, Mamba2, RWKV, softmax attention in
+    hybrids, ...), with the layer exact as ``y = A @ V + offset``::
+
+        Ā_l = mean_c (A_l ⊙ ∂f/∂A_l)⁺,      ∂f/∂A_l[c, t, s] = ⟨∂f/∂y_l[c, t], V_l[c, s]⟩
+
+    (values held fixed: ``LayerAttention.aggregate("positive_mean", grad=output_grad)``).
+    Padding columns are zeroed. The relevance of the query ``q`` is row ``q`` of::
+
+        R = F_n ··· F_s,      F_l = I + Ā_l      (row-normalised if ``row_normalize``)
+
+    carried as a row vector from the last layer down (``r ← r F_l``), so no ``L × L × L``
+    product is ever formed. ``row_normalize=True`` is the normalisation of Chefer et al.'s
+    released code (``compute_rollout_attention``: ``I`` added, rows normalised, as in Abnar &
+    Zuidema); ``False`` gives GAE's ``R ← R + Ā R`` (Chefer et al., ICCV 2021).
+
+    ``method="uia"`` computes instead the published pipeline of Zimerman, Ali & Wolf (ICLR 2025,
+    ``generate_ours`` in their code; anchors.md §1.3), documented as published:
+
+    1. ``s_l = minmax_tokens(max_features (∂f/∂h_l)⁺)`` with ``h_l`` the residual stream entering
+       the block containing layer ``l``;
+    2. ``v_l = minmax_tokens(mean_c (A_l[q, :])⁺ ⊙ s_l)`` (here ``A_l`` is our exact matrix, with
+       the ``D`` skip and padding the published code leaves out);
+    3. the published "rollout" of these vectors from ``start_layer``: every ``v_l`` is broadcast
+       to the rank-1 matrix ``1 v_lᵀ + I``, row-normalised and multiplied; row ``q``, clamped ≥ 0.
+       (This rollout is degenerate: the result is dominated by the start layer, anchors.md §1.3.)
+
+    Shapes
+    ------
+    ``inputs``: token ids ``(B, L)`` → ``(B, L)``; embeddings ``(B, L, D)`` → ``(B, L, D)`` with
+    each token's relevance spread evenly over ``D`` (``attr.sum(-1)`` is the token relevance);
+    further tuple inputs → zeros of their shape. Tensor in → tensor out, tuple in → tuple out.
+
+    Cost
+    ----
+    One forward and one backward (from the target score down to the layer outputs only, or
+    the block inputs for ``"uia"``; parameters get no ``.grad``). Then per layer one blockwise
+    ``aggregate`` — memory ``O(B·L²)`` for ``Ā_l`` (one layer at a time) plus one tile — and one
+    ``O(B·L²)`` vector–matrix product; ``"uia"`` needs one blockwise row per layer (``O(B·C·L)``).
+
+    Parameters
+    ----------
+    forward_func : nn.Module or callable
+        HF causal LM (outputs ``(B, L, V)`` logits: ``target`` is a token id read at the query
+        position), HF-style classifier (``(B, K)``: ``target`` is a class), any function
+        returning ``(B,)`` or ``(B, K)`` scores, or a module containing registered layers.
+    model : nn.Module, optional
+        The module with the explained layers when ``forward_func`` is a plain function.
+    """
+
+    def __init__(self, forward_func: Callable, model: nn.Module | None = None) -> None:
+        GradientAttribution.__init__(self, forward_func)
+        self._init_model(forward_func, model)
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: TensorOrTupleOfTensorsGeneric,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        query_position: QueryType = None,
+        method: Literal["chefer", "uia"] = "chefer",
+        start_layer: int = 0,
+        row_normalize: bool = True,
+    ) -> TensorOrTupleOfTensorsGeneric:
+        """Relevance of every input token for the target score at the query position.
+
+        Parameters
+        ----------
+        inputs : Tensor or tuple of Tensor
+            ``(B, L)`` token ids or ``(B, L, D)`` embeddings first; passed to ``forward_func``.
+        target : TargetType
+            Any Captum target form (int, tuple, list, tensor, None), applied to the scores at the
+            query position.
+        additional_forward_args : Any
+            Appended to the inputs when calling ``forward_func`` (e.g. ``(attention_mask,)``).
+        query_position : int, sequence of int or (B,) Tensor, optional
+            Explained position(s). Default: the last non-padding token (the padding mask is the
+            forward argument named ``attention_mask``/``mask``/``padding_mask``), else the last.
+        method : {"chefer", "uia"}
+            Attention × gradient rollout, or the published UIA pipeline (see class docstring).
+        start_layer : int
+            First captured layer entering the rollout (the UIA paper uses 15 of Vim-S's 24).
+        row_normalize : bool
+            ``"chefer"`` only: row-normalise ``I + Ā_l`` (default) or not (GAE).
+
+        Returns
+        -------
+        Tensor or tuple of Tensor
+            Shaped like ``inputs`` (see class docstring).
+        """
+        is_tuple, inputs_t, afa = prepare(inputs, additional_forward_args)
+        if method not in ("chefer", "uia"):
+            raise ValueError(f"method must be 'chefer' or 'uia', got {method!r}")
+        grad_to = "output" if method == "chefer" else "block"
+        run = self._run(inputs_t, target, afa, query_position, grad_to=grad_to)
+        with torch.no_grad():
+            if method == "chefer":
+                relevance = chefer_relevance(run, start_layer, row_normalize)
+            else:
+                from .published import published_relevance, uia_vector
+
+                relevance = published_relevance(run, run.layers, run.block_grads, uia_vector, start_layer)
+        return self._format(relevance, inputs_t, is_tuple)
+
+
+def attn_grad_maps(run: Run, start_layer: int) -> Iterator[Tensor]:
+    """``Ā_l`` (``(B, L, L)``, padding columns zeroed) for the layers from ``start_layer``, last first."""
+    for attn in reversed(run.layers[start_layer:]):
+        grad = attn.output_grad if attn.output_grad is not None else torch.zeros_like(attn.values)
+        mat = attn.aggregate("positive_mean", grad=grad)
+        cols = run.column_mask(attn)
+        yield mat if cols is None else mat * cols
+
+
+def chefer_relevance(run: Run, start_layer: int, row_normalize: bool) -> Tensor:
+    """Row ``q`` of ``Π (I + Ā_l)`` for every example, ``(B, L)``."""
+    _check_start(start_layer, len(run.layers))
+    ref = run.layers[0]
+    start = one_hot_rows(run.queries, run.length, ref.dtype, ref.device)
+    return rollout_row(start, attn_grad_maps(run, start_layer), row_normalize)
+
+
+def _check_start(start_layer: int, count: int) -> None:
+    if not 0 <= start_layer < count:
+        raise ValueError(f"start_layer={start_layer} out of range for {count} captured layers")
