@@ -50,6 +50,7 @@ class Recording:
     output_input: Tensor | None = None  # the tensor entering the output projection
     output: Any = None
     attention: LayerAttention | None = None
+    track_grad: bool = False  # the capture records output gradients (a backward pass will follow)
 
     def call(self, name: str, index: int = 0) -> Call:
         """The ``index``-th recorded call of function ``name`` (raises a clear error if absent)."""
@@ -142,6 +143,11 @@ class Capture:
         try:
             if self.eval_mode:
                 self.model.eval()
+            prepared: list[Adapter] = []
+            for _, _, adapter in self._targets:
+                if adapter.prepare_model is not None and not any(a is adapter for a in prepared):
+                    prepared.append(adapter)
+                    self._guard.add_undo(adapter.prepare_model(self.model))
             patched: set[str] = set()
             for name, module, adapter in self._targets:
                 self._instrument(name, module, adapter)
@@ -166,7 +172,9 @@ class Capture:
             guard.add_undo(adapter.prepare(module))
 
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            rec = Recording(name=name, module=mod, adapter=adapter, args=args, kwargs=dict(kwargs))
+            rec = Recording(
+                name=name, module=mod, adapter=adapter, args=args, kwargs=dict(kwargs), track_grad=self.track_grad
+            )
             self._stack.append(rec)
 
         def post_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

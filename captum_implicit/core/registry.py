@@ -46,6 +46,11 @@ class Adapter:
     prepare : callable ``(module) -> undo`` or None
         Temporary per-instance change needed for capture (e.g. ``use_fast_path=False``);
         returns a callable that restores the module.
+    prepare_model : callable ``(model) -> undo`` or None
+        Called once per capture with the whole captured model, after it is put in eval
+        mode, when any of its modules uses this adapter: for state that lives outside the
+        explained module (e.g. HF RWKV rescales weights of the whole model in place on its
+        first eval forward); returns a callable that restores it.
     cpu : str
         Whether the CPU exactness tests cover this class (for the generated support table).
     padding : str
@@ -63,6 +68,7 @@ class Adapter:
     submodule_inputs: tuple[str, ...] = ()
     output_module: str | None = "out_proj"
     prepare: Callable[[nn.Module], Callable[[], None]] | None = None
+    prepare_model: Callable[[nn.Module], Callable[[], None]] | None = None
     cpu: str = "yes"
     padding: str = ""
     gpu: str = ""
