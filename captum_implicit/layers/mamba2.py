@@ -86,31 +86,33 @@ class Mamba2Attention(LayerAttention):
         return self.cum.shape[1]
 
     def head_block(self, heads: Tensor | slice, rows: slice, cols: slice) -> Tensor:
-        """Per-head kernel ``α_h`` on a tile, ``(b, h, r, k)`` (no skip, no scalings)."""
+        """Per-head kernel ``α_h`` on a tile, ``(b, h, r, k)`` (no skip, no scalings).
+
+        ``heads`` is a slice or a sorted LongTensor of head indices.
+        """
         dtype = self.dtype
-        groups = self.group_of[heads]
-        uniq, inverse = torch.unique(groups, return_inverse=True)
+        rep = self.num_heads // self.read.shape[1]  # heads per group; head h reads group h // rep
+        if isinstance(heads, slice):  # contiguous heads touch contiguous groups: no host sync
+            groups: Tensor | slice = slice(heads.start // rep, (heads.stop - 1) // rep + 1)
+            inverse = torch.arange(heads.start, heads.stop, device=self.device) // rep - heads.start // rep
+        else:
+            groups, inverse = torch.unique(self.group_of[heads], return_inverse=True)
         # C·B once per group touched, then shared by the heads of that group
-        scores = self.read[:, uniq, rows].to(dtype) @ self.write[:, uniq, cols].to(dtype).transpose(-1, -2)
+        scores = self.read[:, groups, rows].to(dtype) @ self.write[:, groups, cols].to(dtype).transpose(-1, -2)
         decay = scalar_decay_tile(self.cum[:, heads], rows, cols, dtype)
         return scores[:, inverse] * decay * self.delta[:, heads, None, cols].to(dtype)
 
     def core_block(self, channels: Channels, rows: slice, cols: slice) -> Tensor:
         P = self.head_dim
-        if isinstance(channels, slice):
-            start, stop, step = channels.indices(self.num_channels)
-            index = torch.arange(start, stop, step, device=self.device)
+        if isinstance(channels, slice) and channels.indices(self.num_channels)[2] == 1:
+            start, stop, _ = channels.indices(self.num_channels)
+            index = torch.arange(start, stop, device=self.device)
+            heads: Tensor | slice = slice(start // P, (stop - 1) // P + 1)
+            local = index // P - start // P
         else:
-            index = channels.to(self.device)
-        head_index = torch.div(index, P, rounding_mode="floor")
-        if isinstance(channels, slice) and step == 1 and index.numel():
-            h0 = int(head_index[0])
-            heads: Tensor | slice = slice(h0, int(head_index[-1]) + 1)
-            local = head_index - h0
-        else:
-            heads, local = torch.unique(head_index, return_inverse=True)
-        per_head = self.head_block(heads, rows, cols)
-        out = per_head[:, local]  # all P channels of a head share α_h
+            index = torch.arange(self.num_channels, device=self.device)[channels]
+            heads, local = torch.unique(index // P, return_inverse=True)
+        out = self.head_block(heads, rows, cols)[:, local]  # all P channels of a head share α_h
         if self.skip is not None:
             lo, hi = max(rows.start, cols.start), min(rows.stop, cols.stop)
             if lo < hi:
