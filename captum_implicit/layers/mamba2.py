@@ -9,7 +9,8 @@ Channels are the ``C = H·P`` (head, head-dim) pairs of the scan, ordered ``c = 
     o_c       = diag(w_c ⊙ SiLU(z_c) ⊙ ρ_{g'(c)}) y_c
 
 with ``x`` the pre-conv x-channels of ``xBC`` (the values, ``dv = 1``), ``T_c`` the causal
-depthwise conv, ``m`` the padding mask, ``Δ = clamp(softplus(dt + dt_bias), *dt_limit)``
+depthwise conv, ``m`` the padding mask (SiLU stands for whatever activation the conv has,
+e.g. NemotronH's ``mamba_hidden_act``; it is frozen as the slope ``u/p``), ``Δ = clamp(softplus(dt + dt_bias), *dt_limit)``
 and ``ρ_{t,g'} = rsqrt(mean_{group g'}((y ⊙ SiLU z)_t²) + eps)`` the gated group-RMS
 statistic (``(y)_t²`` when the norm comes before the gate), frozen per token. All ``P``
 channels of a head share ``α_h``: it is computed once per head and expanded.
@@ -21,7 +22,8 @@ Numerics mirrored from the model: HF's pure-torch ``mamba2_chunk_scan`` casts ``
 are reproduced (``fl32(u)`` enters through the column scale, ``fl32(A·fl32(Δ))`` as the
 per-step log-decay), and the gated norms' float32 statistics are recomputed the way the
 model computes them. What remains is the float32 *arithmetic* of the model's own chunk
-scan (sums over the state and the chunk, float32 ``exp``), ~1e-7 relative.
+scan (sums over the state and the chunk, float32 ``exp``): ~1e-7 relative on the scan
+output, up to a few times that after the RMS norm, which rescales tokens with small ``y``.
 """
 
 from __future__ import annotations
