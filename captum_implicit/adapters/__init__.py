@@ -5,6 +5,7 @@ from . import (  # noqa: F401
     hf_kda,
     hf_lfm2,
     hf_mamba,
+    hf_mamba2,
     hf_minimax,
     hf_recurrent_gemma,
     hf_rwkv,

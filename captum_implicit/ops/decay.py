@@ -122,3 +122,50 @@ def diagonal_ssm_tile(
                 "bcrn,bcrkn,bckn->bcrk", c_rows.expand(bsz, nch, -1, -1), decay, b_at(diag_cols).to(out_dtype)
             )
     return out
+
+
+def scalar_decay_reference(log_decay: Tensor) -> Tensor:
+    """Naive reference of :func:`scalar_decay_tile`: the full ``exp(seg(ℓ))``, ``(..., L, L)``."""
+    return torch.exp(segsum(log_decay))
+
+
+def scalar_decay_tile(cum: Tensor, rows: slice, cols: slice, out_dtype: torch.dtype) -> Tensor:
+    """One tile of a scalar (per head) decay matrix ``exp(cum_t − cum_s)`` for ``s ≤ t``, 0 above.
+
+    Used by SSD / Mamba2, whose decay is one scalar per head and token
+    (``ℓ = A_h · Δ_{t,h}``), so a tile is an outer product away from the diagonal.
+
+    Parameters
+    ----------
+    cum : (..., L) float64
+        Cumulative sum of the per-step log-decays ``ℓ ≤ 0`` (non-increasing).
+    rows, cols : slice
+        Query (``t``) and key (``s``) ranges of the tile.
+    out_dtype : torch.dtype
+
+    Returns
+    -------
+    (..., len(rows), len(cols))
+
+    Columns left of the first row are factorised through the pivot ``p = rows.start − 1``
+    (``exp(cum_t − cum_p) · exp(cum_p − cum_s)``, both exponents ≤ 0: ``r + k``
+    exponentials, no overflow); columns inside the rows' range use the masked form
+    (``−inf`` above the diagonal before ``exp``).
+    """
+    r0, r1 = rows.start, rows.stop
+    k0, k1 = cols.start, cols.stop
+    out = torch.zeros(*cum.shape[:-1], r1 - r0, k1 - k0, dtype=out_dtype, device=cum.device)
+    if k0 >= r1:
+        return out
+    split = min(max(r0, k0), k1)
+    if split > k0:
+        pivot = cum[..., r0 - 1, None]
+        left = torch.exp(cum[..., r0:r1] - pivot)
+        right = torch.exp(pivot - cum[..., k0:split])
+        out[..., : split - k0] = (left[..., :, None] * right[..., None, :]).to(out_dtype)
+    if split < k1:
+        diff = cum[..., r0:r1, None] - cum[..., None, split:k1]
+        t_idx = torch.arange(r0, r1, device=cum.device)[:, None]
+        s_idx = torch.arange(split, k1, device=cum.device)[None, :]
+        out[..., split - k0 :] = torch.exp(diff.masked_fill(s_idx > t_idx, float("-inf"))).to(out_dtype)
+    return out
