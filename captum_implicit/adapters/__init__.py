@@ -6,3 +6,4 @@ from . import hf_kda  # noqa: F401
 from . import hf_xlstm  # noqa: F401
 from . import hf_minimax  # noqa: F401
 from . import hf_lfm2  # noqa: F401
+from . import hf_softmax  # noqa: F401
