@@ -9,6 +9,7 @@ from . import (  # noqa: F401
     hf_minimax,
     hf_recurrent_gemma,
     hf_rwkv,
+    hf_softmax,
     hf_xlstm,
     mamba_ssm,
 )

@@ -1,0 +1,102 @@
+"""Adapters for the softmax attention layers of HF hybrids (Jamba, Zamba, Bamba, Qwen3-Next, ...).
+
+During capture the layer's config is switched to ``attn_implementation="eager"`` (restored on
+exit; the model's masks are then built for eager too), and the module-global
+``eager_attention_forward`` is recorded: it returns the probabilities exactly as the layer
+used them. Qwen3-Next / Qwen3.5 gate the attention output with ``σ(gate)``, ``gate`` being the
+second half of ``q_proj``'s per-head output; it is recomputed from ``q_proj``'s recorded input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.capture import Recording
+from ..core.errors import CaptureError
+from ..core.registry import Adapter, register_adapter
+from ..layers.softmax import SoftmaxAttention, build_softmax_attention
+from ._common import argument
+
+_TF = "transformers.models"
+
+
+def _force_eager(module: nn.Module) -> Callable[[], None]:
+    config = module.config
+    old = config._attn_implementation_internal
+    config._attn_implementation_internal = "eager"  # this config only (not its sub-configs)
+
+    def undo() -> None:
+        config._attn_implementation_internal = old
+
+    return undo
+
+
+def _qwen_gate(module: nn.Module, rec: Recording) -> Tensor:
+    """``σ(gate)`` of Qwen3-Next-style attention: ``q_proj(x)`` is ``[query, gate]`` per head."""
+    recorded = rec.submodule_inputs.get("q_proj")
+    if not recorded:
+        raise CaptureError("expected a call of 'q_proj' during the attention forward")
+    hidden = recorded[0][0]
+    proj = module.q_proj
+    states = F.linear(hidden, proj.weight, proj.bias)
+    states = states.view(*hidden.shape[:-1], -1, module.head_dim * 2)
+    gate = torch.chunk(states, 2, dim=-1)[1].reshape(*hidden.shape[:-1], -1)
+    return torch.sigmoid(gate)
+
+
+def _builder(gate_fn: Callable[[nn.Module, Recording], Tensor] | None) -> Callable:
+    def build(module: nn.Module, rec: Recording, name: str) -> SoftmaxAttention:
+        call = rec.call("eager_attention_forward")
+        _, probs = call.output
+        if probs is None:
+            raise CaptureError(f"layer {name!r}: eager attention returned no probabilities")
+        try:
+            return build_softmax_attention(
+                name,
+                probs=probs,
+                value=argument(call, "value"),
+                gate=gate_fn(module, rec) if gate_fn is not None else None,
+                module_type=type(module).__name__,
+            )
+        except ValueError as e:
+            raise CaptureError(str(e)) from e
+
+    return build
+
+
+for _model, _cls, _out, _gated in [
+    ("jamba", "JambaAttention", "o_proj", False),
+    ("zamba", "ZambaAttention", "o_proj", False),
+    ("zamba2", "Zamba2Attention", "o_proj", False),
+    ("bamba", "BambaAttention", "o_proj", False),
+    ("granitemoehybrid", "GraniteMoeHybridAttention", "o_proj", False),
+    ("falcon_h1", "FalconH1Attention", "o_proj", False),
+    ("nemotron_h", "NemotronHAttention", "o_proj", False),
+    ("minimax", "MiniMaxAttention", "o_proj", False),
+    ("lfm2", "Lfm2Attention", "out_proj", False),
+    ("lfm2_moe", "Lfm2MoeAttention", "out_proj", False),
+    ("olmo_hybrid", "OlmoHybridAttention", "o_proj", False),
+    ("kimi_linear", "KimiLinearAttention", "o_proj", False),
+    ("recurrent_gemma", "RecurrentGemmaAttention", "o_proj", False),
+    ("qwen3_next", "Qwen3NextAttention", "o_proj", True),
+    ("qwen3_5", "Qwen3_5Attention", "o_proj", True),
+    ("qwen3_5_moe", "Qwen3_5MoeAttention", "o_proj", True),
+]:
+    register_adapter(
+        Adapter(
+            family="softmax",
+            classes=(f"{_TF}.{_model}.modeling_{_model}.{_cls}",),
+            build=_builder(_qwen_gate if _gated else None),
+            functions=(f"{_TF}.{_model}.modeling_{_model}.eager_attention_forward",),
+            submodule_inputs=("q_proj",) if _gated else (),
+            output_module=_out,
+            prepare=_force_eager,
+            notes="probabilities as eager attention gives them; values = V per head"
+            + ("; σ(gate) row scale" if _gated else ""),
+        ),
+        first=False,
+    )

@@ -1,0 +1,150 @@
+"""Softmax attention in hybrids: one matrix per token-mixing layer in forward order, exact outputs."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from captum_implicit.config import blockwise
+from captum_implicit.core.capture import implicit_attention
+from captum_implicit.layers.softmax import SoftmaxAttention
+from conftest import OutputRecorder, rel_err
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 128
+
+
+@lru_cache(maxsize=8)  # models are reused across examples (capture leaves them unchanged)
+def _jamba(dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.JambaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=2,
+        num_experts_per_tok=1,
+        attn_layer_period=2,
+        attn_layer_offset=1,
+        expert_layer_period=2,
+        expert_layer_offset=1,
+        mamba_d_state=8,
+        vocab_size=VOCAB,
+        experts_implementation="eager",  # grouped_mm has no float64 kernel on CPU
+    )
+    return transformers.JambaForCausalLM(cfg).to(dtype).eval()
+
+
+@lru_cache(maxsize=8)
+def _qwen3_next(dtype: torch.dtype, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3NextConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        shared_expert_intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_experts=2,
+        num_experts_per_tok=1,
+        linear_num_value_heads=4,
+        linear_num_key_heads=2,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        layer_types=["linear_attention", "full_attention", "linear_attention"],
+        vocab_size=VOCAB,
+        experts_implementation="eager",
+    )
+    return transformers.Qwen3NextForCausalLM(cfg).to(dtype).eval()
+
+
+def _run(model, seed: int, length: int, pad: int) -> tuple[list, dict]:
+    ids = torch.randint(0, VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[-1, : min(pad, length - 1)] = 0
+    implementation = model.config._attn_implementation
+    with OutputRecorder(model, "o_proj") as attn_rec, OutputRecorder(model, "out_proj") as mixer_rec:
+        layers = implicit_attention(model, input_ids=ids, attention_mask=mask, use_cache=False)
+    assert model.config._attn_implementation == implementation  # the forced eager mode is undone
+    return layers, {**attn_rec.inputs, **mixer_rec.inputs}
+
+
+def _pad(dtype: torch.dtype, pad: int) -> int:
+    # HF bug, not ours: in a float64 model eager attention adds finfo(float64).min to masked scores and
+    # takes the softmax in float32, where it is −inf; fully masked (left-pad) query rows become NaN and
+    # the NaN reaches every later layer. So padding is exercised in float32 only.
+    return pad if dtype == torch.float32 else 0
+
+
+@given(
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2),
+    length=st.integers(1, 40),
+    pad=st.integers(0, 5),
+)
+def test_jamba_one_matrix_per_mixing_layer_in_forward_order(dtype, seed, length, pad):
+    model = _jamba(dtype, seed)
+    layers, real = _run(model, seed, length, _pad(dtype, pad))
+    assert [a.name for a in layers] == [
+        "model.layers.0.mamba",
+        "model.layers.1.self_attn",
+        "model.layers.2.mamba",
+        "model.layers.3.self_attn",
+    ]
+    assert [a.family for a in layers] == ["mamba", "softmax", "mamba", "softmax"]
+    for attn in layers:
+        # softmax: output() is probs @ V, the very product eager attention computed; Mamba: the HF
+        # scan casts B and u to float32 (mirrored), measured ≤ 1e-15 in float64
+        bound = 1e-10 if dtype == torch.float64 else 1e-4
+        assert rel_err(attn.output(), real[attn.name]) < bound
+
+
+@given(
+    dtype=st.sampled_from([torch.float64, torch.float32]),
+    seed=st.integers(0, 2),
+    length=st.integers(1, 40),
+    pad=st.integers(0, 5),
+)
+def test_qwen3_next_gated_softmax_layer(dtype, seed, length, pad):
+    layers, real = _run(_qwen3_next(dtype, seed), seed, length, _pad(dtype, pad))
+    assert [a.family for a in layers] == ["gated_deltanet", "softmax", "gated_deltanet"]
+    assert [a.name for a in layers] == [f"model.layers.{i}.{n}" for i, n in enumerate(["linear_attn", "self_attn"] * 2)][:3]
+    soft = layers[1]
+    assert isinstance(soft, SoftmaxAttention) and soft.row_scale is not None  # the σ(gate) of Qwen3-Next
+    bound = 1e-10 if dtype == torch.float64 else 1e-4  # eager's probs @ V and the σ(gate) product
+    assert rel_err(soft.output(), real[soft.name]) < bound
+    # gated delta rule: float32 kernel (see test_gated_deltanet)
+    for attn in (layers[0], layers[2]):
+        assert rel_err(attn.output(), real[attn.name]) < (1e-5 if dtype == torch.float64 else 1e-4)
+
+
+@given(seed=st.integers(0, 2), length=st.integers(1, 30))
+def test_rows_are_probabilities(seed, length):
+    """Without an output gate, every row of A is a probability distribution over past tokens."""
+    layers, _ = _run(_jamba(torch.float64, seed), seed, length, 0)
+    dense = layers[1].dense()
+    assert (dense >= 0).all()
+    assert torch.allclose(dense.sum(-1), torch.ones_like(dense[..., 0]), atol=1e-6)  # softmax taken in float32
+    assert torch.equal(dense.triu(1), torch.zeros_like(dense))
+
+
+@given(seed=st.integers(0, 2), length=st.integers(2, 30), reduce=st.sampled_from(["mean", "abs_sum", "max_abs"]))
+def test_aggregate_and_row_equal_reductions_of_dense(seed, length, reduce):
+    layers, _ = _run(_qwen3_next(torch.float64, seed), seed, length, 0)
+    attn = layers[1]
+    dense = attn.dense()
+    ref = {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}[reduce]
+    with blockwise(tile=4, max_block_elements=256):
+        assert rel_err(attn.aggregate(reduce), ref) < 1e-12
+        i = length // 2
+        assert rel_err(attn.row(i), dense[:, :, i]) < 1e-12
+        assert rel_err(attn.row(i, reduce=reduce), ref[:, i]) < 1e-12
+        assert rel_err(attn.apply(), dense @ attn.values) < 1e-12
