@@ -40,6 +40,7 @@ from captum_implicit.eval import (
     spearman,
 )
 from captum_implicit.eval.stats import t_quantile
+from conftest import requires_cuda
 
 NEUTRAL = 1
 PAD = 0
@@ -479,3 +480,57 @@ def test_runner_warns_about_an_unseen_flip_value(tmp_path):
     with pytest.warns(UserWarning, match="never occurs in the dataset"):
         evaluate([Task("bow", model, dataset=data, replacement=PAD)], {"random": "random"}, tmp_path,
                  steps=2, sanity=False, progress=False)
+
+
+class CausalBag(BagOfWords):
+    """Causal LM-shaped bag of words: logits at position t sum the contributions of tokens ≤ t."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+        e = self.emb(input_ids) if inputs_embeds is None else inputs_embeds
+        m = torch.ones(e.shape[:2], dtype=e.dtype) if attention_mask is None else attention_mask.to(e.dtype)
+        return (self.head.weight @ (e * m[..., None]).cumsum(1).transpose(1, 2)).transpose(1, 2) + self.head.bias
+
+
+@pytest.mark.filterwarnings("ignore:task .lm.. the flip value")  # the toy data never contain the neutral id
+def test_causal_readout_is_the_last_real_token_and_is_never_flipped(tmp_path):
+    model = CausalBag()
+    tm = TokenModel(model)
+    ids, mask = random_batch(n=6, length=8)
+    out = tm(ids, mask)
+    assert tm.sequence_output
+    for i in range(len(ids)):
+        n = int(mask[i].sum())
+        torch.testing.assert_close(out[i], tm(ids[i : i + 1, :n], mask[i : i + 1, :n])[0], rtol=0, atol=1e-12)
+    seen = []
+
+    class Spy(CausalBag):
+        def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None):
+            if input_ids is not None:
+                seen.append((input_ids.clone(), attention_mask.clone()))
+            return super().forward(input_ids, attention_mask, inputs_embeds)
+
+    data = [{"input_ids": [5, 6, 7, 8, 9]}, {"input_ids": [9, 8, 7]}]
+    res = evaluate([Task("lm", Spy(), dataset=data, replacement=NEUTRAL)], {"random": "random"}, tmp_path,
+                   steps=4, sanity=False, progress=False)
+    assert res.meta["tasks"]["lm"]["protect_last"] is True
+    assert len(seen) > 1
+    for x, m in seen:  # every forward, perturbed or not: each row still ends in its read-out token (9 or 7)
+        for row, row_mask in zip(x, m):
+            assert int(row[row_mask.bool()][-1]) in (9, 7)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_runner_on_cuda_matches_cpu(tmp_path):
+    data = [{"input_ids": r[m.bool()].tolist(), "label": 0, "relevant_mask": (r[m.bool()] == 2).tolist()}
+            for r, m in zip(*random_batch(n=12, length=9))]
+    methods = {"random": "random", "IxG": "input_x_gradient", "FA": "feature_ablation",
+               "KS": ("kernel_shap", {"n_samples": 64})}
+    kw = dict(steps=5, batch_size=5, sanity_examples=4, progress=False, command="gpu test")
+    cpu = evaluate([Task("bow", BagOfWords(), dataset=data)], methods, tmp_path / "cpu", **kw)
+    gpu = evaluate([Task("bow", BagOfWords().cuda(), dataset=data)], methods, tmp_path / "gpu", **kw)
+    a = {(r["method"], r["metric"]): r["mean"] for r in cpu.summary if r["metric"] != "seconds"}
+    b = {(r["method"], r["metric"]): r["mean"] for r in gpu.summary if r["metric"] != "seconds"}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-9), k

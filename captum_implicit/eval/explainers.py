@@ -83,6 +83,8 @@ def embedding_explainer(
 
     def explain(input_ids: Tensor, attention_mask: Tensor, target: Tensor) -> Tensor:
         embeds = tm.embed(input_ids).detach()
+        if reduce == "sum":  # gradient methods: Captum would set it anyway, with a warning
+            embeds.requires_grad_()
         b, length, d = embeds.shape
         kw = dict(attribute_kwargs)
         base = _baseline_embeds(tm, input_ids, baseline_token_id)
@@ -125,13 +127,18 @@ class WeightedLeastSquares:
     def __init__(self) -> None:
         self.coef: Tensor | None = None
         self.intercept: Tensor | None = None
+        self.device = torch.device("cpu")
 
     def fit(self, train_data: DataLoader, **kwargs: object) -> dict:
+        # solved on the CPU in float64 (the SVD-based `gelsd` driver is CPU-only and handles rank deficiency)
         xs, ys, ws = [], [], []
         for batch in train_data:
             x, y = batch[0], batch[1]
+            self.device = x.device
             w = batch[2] if len(batch) > 2 else torch.ones(x.shape[0])
-            xs.append(x.double()), ys.append(y.double().reshape(x.shape[0], -1)), ws.append(w.double().reshape(-1))
+            xs.append(x.double().cpu())
+            ys.append(y.double().cpu().reshape(x.shape[0], -1))
+            ws.append(w.double().cpu().reshape(-1))
         x, y, w = torch.cat(xs), torch.cat(ys), torch.cat(ws)
         xa = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
         sw = w.sqrt()[:, None]
@@ -141,11 +148,11 @@ class WeightedLeastSquares:
 
     def representation(self) -> Tensor:
         assert self.coef is not None, "fit first"
-        return self.coef.float()
+        return self.coef.float().to(self.device)
 
     def __call__(self, x: Tensor) -> Tensor:
         assert self.coef is not None and self.intercept is not None
-        return x.double() @ self.coef.T + self.intercept
+        return (x.double().cpu() @ self.coef.T + self.intercept).to(x.device)
 
 
 def _register_model_class() -> type:

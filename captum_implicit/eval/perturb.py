@@ -58,7 +58,7 @@ def rank_positions(scores: Tensor, flippable: Tensor, generator: torch.Generator
 
     Returns
     -------
-    (B, L) long Tensor
+    (B, L) long Tensor, on ``flippable``'s device
     """
     s = scores.detach().double().cpu()
     f = flippable.cpu()
@@ -74,7 +74,7 @@ def rank_positions(scores: Tensor, flippable: Tensor, generator: torch.Generator
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(length).expand(b, -1).contiguous())
     ranks[~f] = length
-    return ranks.to(scores.device)
+    return ranks.to(flippable.device)
 
 
 def flip_masks(ranks: Tensor, flippable: Tensor, ks: Tensor, end: Literal["top", "bottom"]) -> Tensor:
@@ -171,8 +171,8 @@ def perturbed_scores(
     b, v, length = flips.shape
     ids = input_ids[:, None, :].expand(b, v, length).reshape(b * v, length)
     mask = attention_mask[:, None, :].expand(b, v, length).reshape(b * v, length)
-    tgt = target[:, None].expand(b, v).reshape(-1).to(input_ids.device)
-    flat = flips.reshape(b * v, length)
+    tgt = target.to(input_ids.device)[:, None].expand(b, v).reshape(-1)
+    flat = flips.reshape(b * v, length).to(input_ids.device)
     logit, prob, pred = [], [], []
     for s in range(0, b * v, batch_size):
         sl = slice(s, s + batch_size)

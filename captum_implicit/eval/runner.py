@@ -13,6 +13,16 @@
 Dataset items are dicts with ``input_ids`` (ints) or ``text`` (tokenised with the task's tokenizer),
 optionally ``label`` (int), and ``relevant_mask`` (one bool per token) or ``relevant_positions``
 (ints) for ground-truth tasks; or tuples ``(ids_or_text, label[, relevant_mask])``.
+
+Example::
+
+    from captum_implicit.eval import Task, evaluate
+    evaluate(
+        [Task("trigger/mamba", model, tokenizer, data, replacement=neutral_id)],
+        {"random": "random", "IG-50": "integrated_gradients", "KernelSHAP-500": ("kernel_shap", {"n_samples": 500}),
+         "AttnGrad": "implicit_attn_grad", "UIA": "uia", "MambaAttr": "mamba_attr"},
+        "reports/trigger", seed=0,
+    )
 """
 
 from __future__ import annotations
