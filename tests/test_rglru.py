@@ -309,7 +309,7 @@ def test_gradient_capture():
 # ------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])  # H200: 5e-7, 4e-3
 def test_cuda(dtype, bound):
     """bf16: the model rounds the conv output, the state readout and h·y to 8 bits (we mirror a and the
     input factor, not those roundings)."""

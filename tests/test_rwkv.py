@@ -100,6 +100,11 @@ def test_output_equals_real_float64(hidden, att, length, batch, seed, cache):
     ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
     # HF only supports a cache when attention_hidden_size == hidden_size (the state is sized by hidden_size)
     use_cache = cache and att in (None, hidden)
+    if use_cache and length == 1 and batch > 1:
+        # HF's single-token cached step mis-broadcasts the shift state for batch > 1: refused, clearly
+        with pytest.raises(ci.CaptureError, match="use_cache=False"):
+            ci.implicit_attention(model, input_ids=ids, use_cache=use_cache)
+        return
     real = real_outputs(model, input_ids=ids, use_cache=use_cache)
     with ci.blockwise(tile=16, max_block_elements=batch * 16 * 16 * 5):  # many tiles, channel blocks across groups
         layers = ci.implicit_attention(model, input_ids=ids, use_cache=use_cache)
@@ -263,6 +268,20 @@ def test_model_left_bit_identical(mode):
     assert _same(model, snap) and model.rwkv.layers_are_rescaled == flag
 
 
+def test_rescale_that_underflows_is_still_undone_bit_for_bit():
+    """A weight that the eval rescale pushes into the subnormal range cannot be multiplied back exactly;
+    the capture keeps a copy of such a weight instead."""
+    model = make_model(8, layers=3, rescale_every=1, seed=12).eval()
+    tiny = 5.123456789012345e-308  # normal in float64, subnormal (losing mantissa bits) once divided by 4
+    with torch.no_grad():
+        model.rwkv.blocks[2].attention.output.weight[0, 0] = tiny
+    assert (torch.tensor(tiny, dtype=torch.float64) / 4 * 4).item() != tiny
+    snap = _snapshot(model)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(12))
+    ci.implicit_attention(model, input_ids=ids, use_cache=False)
+    assert _same(model, snap) and not model.rwkv.layers_are_rescaled
+
+
 def test_attention_mask_is_ignored_by_the_model():
     model = make_model(8, seed=2)
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
@@ -301,6 +320,10 @@ def test_gradient_capture_needs_use_cache_false():
         with ci.Capture(model, track_grad=True):
             model(ids)
     assert _same(model, snap)
+    # without track_grad a grad-enabled forward with the cache is captured, with a warning
+    with pytest.warns(UserWarning, match="use_cache=False"), ci.Capture(model) as cap:
+        model(ids)
+    assert len(cap.layers) == 2 and _same(model, snap)
 
     real = real_outputs(model, input_ids=ids, use_cache=False)  # a user eval forward: HF rescales now
     snap = _snapshot(model)
@@ -338,7 +361,7 @@ def test_gradient_capture_needs_use_cache_false():
 # ------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,bound", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])  # H200: 3e-7, 5e-3
 def test_cuda(dtype, bound):
     """On CUDA (the WKV kernel if it loads, else HF's loop on the GPU); bf16 rounds values to 8 bits."""
     model = make_model(64, layers=2, seed=9, dtype=torch.float32).to("cuda", dtype)

@@ -14,8 +14,8 @@ Things HF RWKV does that a capture must not get wrong:
 * The first eval-mode forward rescales ``attention.output.weight`` and
   ``feed_forward.value.weight`` **in place** (``RwkvModel._rescale_layers``; ``train()``
   undoes it on the next training forward). The capture runs the model in eval mode, so
-  :func:`_keep_rescaling` snapshots the weights it would touch and restores them, bit for
-  bit, together with ``layers_are_rescaled``.
+  :func:`_keep_rescaling` inverts that afterwards, bit for bit, together with
+  ``layers_are_rescaled``.
 * In eval mode ``use_cache`` defaults to ``config.use_cache`` (True); the cache's state is
   updated in place, so no gradient can flow back through such a forward. A fresh cache
   gives the same output as no cache, so a forward-only capture works either way; with
@@ -54,14 +54,21 @@ def _state_of(args: tuple, kwargs: dict) -> list[Tensor] | None:
     return args[1] if len(args) > 1 else None
 
 
-def _refuse_continued_state(module: nn.Module) -> Callable[[], None]:
-    """Pre-hook: a cache state that already holds earlier tokens would add an affine term; refuse it."""
+def _check_state(module: nn.Module) -> Callable[[], None]:
+    """Pre-hook refusing the cache states a token-to-token explanation cannot represent."""
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
         state = _state_of(args, kwargs)
         if state is None:
             return
         layer = mod.layer_id
+        hidden = args[0] if args else kwargs["hidden"]
+        if hidden.shape[1] == 1 and hidden.shape[0] > 1:
+            raise CaptureError(
+                f"RWKV layer {layer}: HF RWKV's single-token step with a cache broadcasts the (batch, C) shift "
+                "state against the (batch, 1, C) input, turning a batch of one-token inputs into a (batch, "
+                "batch, C) tensor (a transformers bug for batch > 1); call the model with use_cache=False."
+            )
         # [ffn-shift, att-shift, num, den, max]; the model initialises max to -1e30 (the kernel to -1e38)
         fresh = (
             bool(state[1][:, :, layer].eq(0).all())
@@ -79,36 +86,65 @@ def _refuse_continued_state(module: nn.Module) -> Callable[[], None]:
 
 
 def _keep_rescaling(model: nn.Module) -> Callable[[], None]:
-    """Snapshot what ``RwkvModel._rescale_layers`` changes in place; the returned callable restores it."""
+    """Make ``RwkvModel._rescale_layers`` (in-place weight scaling on a mode switch) undoable, bit for bit.
+
+    The rescale multiplies or divides by ``2**k``; that is exactly invertible unless a result
+    leaves the normal range (subnormal underflow, overflow), so a weight is copied only then
+    (or when it is quantised) — a first eval-mode capture of a large model costs no extra memory.
+    Nothing is recorded for models whose forward will not rescale.
+    """
     saved: list[tuple] = []
     for rwkv in model.modules():
         if not hasattr(rwkv, "layers_are_rescaled") or not hasattr(rwkv, "blocks"):
             continue
         every = getattr(rwkv.config, "rescale_every", 0)
         weights = []
-        if every > 0:
+        # the forward rescales iff training == layers_are_rescaled (dividing in eval, multiplying in train)
+        if every > 0 and rwkv.training == rwkv.layers_are_rescaled:
+            divide = not rwkv.training
             for block_id, block in enumerate(rwkv.blocks):
-                if block_id // every == 0:
-                    continue  # factor 2**0: division by 1 leaves the weights bit-identical
+                factor = 2 ** int(block_id // every)
+                if factor == 1:
+                    continue  # scaling by 1 leaves the weights bit-identical
                 for owner in (block.attention.output, block.feed_forward.value):
                     param = owner.weight
+                    exact = _exactly_invertible(param, factor, divide)
                     scb = getattr(param, "SCB", None)
-                    weights.append((owner, param, param.detach().clone(), None if scb is None else scb.clone()))
+                    quantised = scb is not None or hasattr(param, "quant_state")  # weight data not scaled
+                    copy = None if exact or quantised else param.detach().clone()
+                    weights.append((owner, param, factor, copy, None if scb is None else scb.clone()))
         saved.append((rwkv, rwkv.layers_are_rescaled, weights))
 
     def undo() -> None:
         with torch.no_grad():
             for rwkv, flag, weights in saved:
-                for owner, param, data, scb in weights:
-                    if owner.weight is not param:  # bitsandbytes 4-bit: the rescale replaced the parameter
-                        setattr(owner, "weight", param)
-                    elif not torch.equal(param, data):
-                        param.copy_(data)
-                    if scb is not None and not torch.equal(param.SCB, scb):
-                        param.SCB.copy_(scb)
+                if rwkv.layers_are_rescaled != flag:  # the rescale ran: invert it
+                    for owner, param, factor, copy, scb in weights:
+                        if owner.weight is not param:  # bitsandbytes 4-bit: the rescale replaced the parameter
+                            setattr(owner, "weight", param)
+                        elif scb is not None:  # bitsandbytes 8-bit: the rescale scaled the statistics
+                            param.SCB.copy_(scb)
+                        elif copy is not None:
+                            param.copy_(copy)
+                        elif flag:  # it multiplied (train mode)
+                            param.div_(factor)
+                        else:
+                            param.mul_(factor)
                 rwkv.layers_are_rescaled = flag
 
     return undo
+
+
+def _exactly_invertible(param: Tensor, factor: int, divide: bool) -> bool:
+    """Whether scaling ``param`` by ``factor`` (a power of two) and back returns it bit for bit."""
+    if not param.is_floating_point() or hasattr(param, "SCB") or hasattr(param, "quant_state"):
+        return False
+    finfo = torch.finfo(param.dtype)
+    mags = param.detach().abs()
+    if divide:  # every non-zero magnitude must stay normal after the division
+        nonzero = mags[mags != 0]
+        return not nonzero.numel() or bool(nonzero.min() >= finfo.tiny * factor)
+    return bool(mags.max() <= finfo.max / factor) if mags.numel() else True
 
 
 def _within(a: Tensor, b: Tensor, dtype: torch.dtype) -> bool:
@@ -169,7 +205,7 @@ register_adapter(
         build=build_hf_rwkv,
         functions=(f"{_MOD}.rwkv_linear_attention",),
         output_module="output",
-        prepare=_refuse_continued_state,
+        prepare=_check_state,
         prepare_model=_keep_rescaling,
         notes="RWKV-4 time mix; token shift folded in as 2·A channels; attention_mask is ignored by the model",
     ),
