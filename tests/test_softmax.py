@@ -163,3 +163,49 @@ def test_capture_leaves_the_model_unchanged():
         after = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert torch.equal(before, after) and modeling.eager_attention_forward is eager
     assert all(torch.isfinite(a.output()).all() for a in layers)  # no NaN from fully masked pad rows
+
+
+_E = {"experts_implementation": "eager"}
+_HYBRIDS = {
+    "bamba": ("BambaForCausalLM", "BambaConfig", dict(
+        num_hidden_layers=3, num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_state=16,
+        mamba_chunk_size=16)),
+    "zamba": ("ZambaForCausalLM", "ZambaConfig", dict(
+        num_hidden_layers=6, num_key_value_heads=4, n_mamba_heads=2, mamba_d_state=8, attn_layer_period=2,
+        attn_layer_offset=1)),
+    "kimi_linear": ("KimiLinearForCausalLM", "KimiLinearConfig", dict(
+        moe_intermediate_size=64, num_hidden_layers=2, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, num_local_experts=2, num_experts_per_tok=1, linear_head_dim=16,
+        linear_num_heads=4, layer_types=["linear_attention", "full_attention"], pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, **_E)),
+    "minimax": ("MiniMaxForCausalLM", "MiniMaxConfig", dict(
+        num_hidden_layers=2, num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+        block_size=16, layer_types=["linear_attention", "full_attention"], **_E)),
+    "lfm2": ("Lfm2ForCausalLM", "Lfm2Config", dict(
+        num_hidden_layers=2, num_key_value_heads=2, layer_types=["conv", "full_attention"])),
+    "olmo_hybrid": ("OlmoHybridForCausalLM", "OlmoHybridConfig", dict(
+        num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, pad_token_id=0, eos_token_id=1)),
+    "granitemoehybrid": ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig", dict(
+        shared_intermediate_size=128, num_hidden_layers=3, num_key_value_heads=2, num_local_experts=2,
+        num_experts_per_tok=1, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8, mamba_d_state=16,
+        mamba_chunk_size=16, **_E)),
+    "recurrent_gemma": ("RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", dict(
+        num_hidden_layers=3, attention_window_size=16)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_HYBRIDS))
+def test_softmax_layers_of_other_hybrids(kind):
+    """Every softmax entry's output() equals the real input of its output projection (float64, left padding)."""
+    model_cls, config_cls, extra = _HYBRIDS[kind]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=VOCAB, **extra
+    )
+    model = getattr(transformers, model_cls)(cfg).to(torch.float64).eval()
+    layers, real = _run(model, 0, 21, 3)
+    soft = [a for a in layers if a.family == "softmax"]
+    assert soft, [a.family for a in layers]
+    for attn in soft:
+        assert rel_err(attn.output(), real[attn.name]) < 1e-10  # eager's own probs @ V, float64
