@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from captum_implicit.config import blockwise
 from captum_implicit.core.capture import implicit_attention
 from captum_implicit.layers.gated_deltanet import DeltaRuleAttention, decayed_products
-from conftest import OutputRecorder, rel_err
+from conftest import OutputRecorder, rel_err, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -150,3 +150,20 @@ def test_aggregate_and_row_equal_reductions_of_dense(seed, length, reduce):
         assert rel_err(attn.row(i), dense[:, :, i]) < 1e-12
         assert rel_err(attn.row(i, reduce=reduce), ref[:, i]) < 1e-12
         assert rel_err(attn.apply(), (dense @ attn.values)) < 1e-12
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("kind", ["qwen3_next", "olmo_hybrid"])
+def test_fla_kernel_output_on_gpu(kind):
+    """On CUDA with fla importable, transformers binds fla's chunk_gated_delta_rule; the capture records it
+    (no torch fallback on CUDA) and the closed form must reproduce its output."""
+    pytest.importorskip("fla")
+    model, out_name = _model(kind, torch.float32, 0, gqa=True)
+    model = model.cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _inputs(0, 2, 200, 5).items()}
+    with OutputRecorder(model, suffix=out_name) as rec:
+        layers = implicit_attention(model, **inputs)
+    (attn,) = [a for a in layers if a.family == "gated_deltanet"]
+    # fla's Triton kernels feed float32 operands to tl.dot, which may use TF32 (10-bit mantissa): ~1e-3
+    assert rel_err(attn.output(), rec.inputs[attn.name]) < 2e-3

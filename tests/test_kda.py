@@ -13,7 +13,7 @@ from captum_implicit.config import blockwise
 from captum_implicit.core.capture import implicit_attention
 from captum_implicit.layers.gated_deltanet import delta_rule_matrix
 from captum_implicit.layers.kda import KDAAttention
-from conftest import OutputRecorder, rel_err
+from conftest import OutputRecorder, rel_err, requires_cuda
 from test_gated_deltanet import _recurrent_probe
 
 transformers = pytest.importorskip("transformers")
@@ -117,3 +117,16 @@ def test_aggregate_and_row_equal_reductions_of_dense(seed, length, reduce):
         i = length - 1
         assert rel_err(attn.row(i), dense[:, :, i]) < 1e-12
         assert rel_err(attn.row(i, reduce=reduce), ref[:, i]) < 1e-12
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_fla_kernel_output_on_gpu():
+    """On CUDA with fla importable, transformers binds fla's chunk_kda; the closed form must reproduce it."""
+    pytest.importorskip("fla")
+    model = _model(torch.float32, 0).cuda()
+    inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _inputs(0, 200, 5).items()}
+    with OutputRecorder(model, suffix="o_proj") as rec:
+        attn = _kda(model, **inputs)
+    # fla's Triton kernels feed float32 operands to tl.dot, which may use TF32 (10-bit mantissa): ~1e-3
+    assert rel_err(attn.output(), rec.inputs[attn.name]) < 2e-3

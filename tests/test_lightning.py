@@ -47,6 +47,8 @@ def _run(model, seed: int, length: int, pad: int) -> tuple[list[LightningAttenti
     mask[-1, : min(pad, length - 1)] = 0
     with OutputRecorder(model) as rec:
         layers = implicit_attention(model, input_ids=ids, attention_mask=mask, use_cache=False)
+    assert [a.family for a in layers][-1] == "softmax"  # the last (full attention) layer
+    layers = [a for a in layers if a.family == "lightning"]
     assert all(isinstance(a, LightningAttention) for a in layers)
     return layers, rec.inputs
 

@@ -78,10 +78,9 @@ def _run(model, seed: int, length: int, pad: int) -> tuple[list, dict]:
 
 
 def _pad(dtype: torch.dtype, pad: int) -> int:
-    # HF bug, not ours: in a float64 model eager attention adds finfo(float64).min to masked scores and
-    # takes the softmax in float32, where it is −inf; fully masked (left-pad) query rows become NaN and
-    # the NaN reaches every later layer. So padding is exercised in float32 only.
-    return pad if dtype == torch.float32 else 0
+    # float64 + left padding used to give NaN under forced eager (HF adds finfo(float64).min and takes
+    # the softmax in float32); the adapter clamps the mask during capture, so padding is tested in both
+    return pad
 
 
 @given(
@@ -148,3 +147,65 @@ def test_aggregate_and_row_equal_reductions_of_dense(seed, length, reduce):
         assert rel_err(attn.row(i), dense[:, :, i]) < 1e-12
         assert rel_err(attn.row(i, reduce=reduce), ref[:, i]) < 1e-12
         assert rel_err(attn.apply(), dense @ attn.values) < 1e-12
+
+
+def test_capture_leaves_the_model_unchanged():
+    """Forced eager mode and the float64 mask fix are undone: outputs before and after capture are identical."""
+    model = _jamba(torch.float64, 0)
+    ids = torch.randint(0, VOCAB, (2, 17), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 17, dtype=torch.long)
+    mask[1, :3] = 0
+    modeling = transformers.models.jamba.modeling_jamba
+    eager = modeling.eager_attention_forward
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        layers = implicit_attention(model, input_ids=ids, attention_mask=mask, use_cache=False)
+        after = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert torch.equal(before, after) and modeling.eager_attention_forward is eager
+    assert all(torch.isfinite(a.output()).all() for a in layers)  # no NaN from fully masked pad rows
+
+
+_E = {"experts_implementation": "eager"}
+_HYBRIDS = {
+    "bamba": ("BambaForCausalLM", "BambaConfig", dict(
+        num_hidden_layers=3, num_key_value_heads=2, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_state=16,
+        mamba_chunk_size=16)),
+    "zamba": ("ZambaForCausalLM", "ZambaConfig", dict(
+        num_hidden_layers=6, num_key_value_heads=4, n_mamba_heads=2, mamba_d_state=8, attn_layer_period=2,
+        attn_layer_offset=1)),
+    "kimi_linear": ("KimiLinearForCausalLM", "KimiLinearConfig", dict(
+        moe_intermediate_size=64, num_hidden_layers=2, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, num_local_experts=2, num_experts_per_tok=1, linear_head_dim=16,
+        linear_num_heads=4, layer_types=["linear_attention", "full_attention"], pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, **_E)),
+    "minimax": ("MiniMaxForCausalLM", "MiniMaxConfig", dict(
+        num_hidden_layers=2, num_key_value_heads=2, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+        block_size=16, layer_types=["linear_attention", "full_attention"], **_E)),
+    "lfm2": ("Lfm2ForCausalLM", "Lfm2Config", dict(
+        num_hidden_layers=2, num_key_value_heads=2, layer_types=["conv", "full_attention"])),
+    "olmo_hybrid": ("OlmoHybridForCausalLM", "OlmoHybridConfig", dict(
+        num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, pad_token_id=0, eos_token_id=1)),
+    "granitemoehybrid": ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig", dict(
+        shared_intermediate_size=128, num_hidden_layers=3, num_key_value_heads=2, num_local_experts=2,
+        num_experts_per_tok=1, layer_types=["mamba", "attention", "mamba"], mamba_n_heads=8, mamba_d_state=16,
+        mamba_chunk_size=16, **_E)),
+    "recurrent_gemma": ("RecurrentGemmaForCausalLM", "RecurrentGemmaConfig", dict(
+        num_hidden_layers=3, attention_window_size=16)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_HYBRIDS))
+def test_softmax_layers_of_other_hybrids(kind):
+    """Every softmax entry's output() equals the real input of its output projection (float64, left padding)."""
+    model_cls, config_cls, extra = _HYBRIDS[kind]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_cls)(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=VOCAB, **extra
+    )
+    model = getattr(transformers, model_cls)(cfg).to(torch.float64).eval()
+    layers, real = _run(model, 0, 21, 3)
+    soft = [a for a in layers if a.family == "softmax"]
+    assert soft, [a.family for a in layers]
+    for attn in soft:
+        assert rel_err(attn.output(), real[attn.name]) < 1e-10  # eager's own probs @ V, float64

@@ -5,11 +5,21 @@ exit; the model's masks are then built for eager too), and the module-global
 ``eager_attention_forward`` is recorded: it returns the probabilities exactly as the layer
 used them. Qwen3-Next / Qwen3.5 gate the attention output with ``σ(gate)``, ``gate`` being the
 second half of ``q_proj``'s per-head output; it is recomputed from ``q_proj``'s recorded input.
+
+Float64 models: HF's eager attention adds ``finfo(float64).min`` to masked scores and takes the
+softmax in float32, where that is ``−inf``; fully masked query rows (left padding) then become NaN
+and the NaN spreads to every later layer, although the model's default SDPA path is finite. During
+capture the float64 mask is therefore clamped to ``finfo(float32).min``: rows with any visible key
+get bitwise the same probabilities (masked entries still underflow to exactly 0 in float32), fully
+masked pad rows get the uniform row float32 models get instead of NaN.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +41,35 @@ def _force_eager(module: nn.Module) -> Callable[[], None]:
 
     def undo() -> None:
         config._attn_implementation_internal = old
+
+    return undo
+
+
+def _float64_safe(eager: Callable) -> Callable:
+    """``eager_attention_forward`` with a float64 additive mask clamped to the float32 range."""
+
+    @functools.wraps(eager)
+    def wrapper(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, *args, **kwargs):
+        if isinstance(attention_mask, Tensor) and attention_mask.dtype == torch.float64:
+            attention_mask = attention_mask.clamp(min=torch.finfo(torch.float32).min)
+        return eager(module, query, key, value, attention_mask, *args, **kwargs)
+
+    wrapper._float64_mask_fix = True  # type: ignore[attr-defined]  # (copied onto wrappers by functools.wraps)
+    return wrapper
+
+
+def _prepare(module: nn.Module) -> Callable[[], None]:
+    """Force eager attention for this layer's config and make its float64 masks float32-safe."""
+    undo_eager = _force_eager(module)
+    modeling = sys.modules[type(module).__module__]
+    current = getattr(modeling, "eager_attention_forward", None)
+    if current is None or getattr(current, "_float64_mask_fix", False):
+        return undo_eager  # another layer of this model file installed the fix already
+    modeling.eager_attention_forward = _float64_safe(current)
+
+    def undo() -> None:
+        modeling.eager_attention_forward = current
+        undo_eager()
 
     return undo
 
@@ -94,7 +133,7 @@ for _model, _cls, _out, _gated in [
             functions=(f"{_TF}.{_model}.modeling_{_model}.eager_attention_forward",),
             submodule_inputs=("q_proj",) if _gated else (),
             output_module=_out,
-            prepare=_force_eager,
+            prepare=_prepare,
             notes="probabilities as eager attention gives them; values = V per head"
             + ("; σ(gate) row scale" if _gated else ""),
         ),
