@@ -58,6 +58,8 @@ class LayerAttention(ABC):
     family: ClassVar[str] = ""
     #: how many times larger than ``b·c·r·k`` a family's intermediate tile is (e.g. the SSM state size)
     cost_factor: int = 1
+    #: the same for the intermediates of one query row (``row()``)
+    row_cost_factor: int = 1
 
     def __init__(
         self,

@@ -74,7 +74,10 @@ class MambaAttention(LayerAttention):
         self.write_scale = write_scale
         self.skip = skip
         self.head_of = head_of
-        self.cost_factor = rate.shape[-1]
+        # a tile's rank-N factors are (c, r+k, N) next to the (c, r, k) tile, so the tile dominates;
+        # a single row's factors are (c, L, N) in float64 next to a (c, L) row
+        self.cost_factor = 2
+        self.row_cost_factor = 2 * rate.shape[-1]
         self._single_head = bool((head_of == 0).all()) and read.shape[1] == 1
 
     def _heads(self, channels: Channels) -> Tensor | slice:

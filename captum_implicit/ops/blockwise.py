@@ -107,7 +107,7 @@ def row(attn: LayerAttention, index: int, reduce: str | None = None, grad: Tenso
     index = index % length
     rows, cols = slice(index, index + 1), slice(0, index + 1)
     parts = []
-    for ch in channel_blocks(nch, bsz * length, attn.cost_factor, attn.device):
+    for ch in channel_blocks(nch, bsz * length, getattr(attn, "row_cost_factor", attn.cost_factor), attn.device):
         blk = attn.block(ch, rows, cols)
         if grad is not None:
             blk = blk * grad_weight(grad.to(blk.dtype), attn.values.to(blk.dtype), ch, rows, cols)
