@@ -97,6 +97,10 @@ for _model, _cls, _norm, _out in [
     register_adapter(
         Adapter(
             family="gated_deltanet",
+            # tests/test_gated_deltanet.py builds Qwen3-Next, Qwen3.5 and OLMo-Hybrid models
+            cpu="yes" if _model in ("qwen3_next", "qwen3_5", "olmo_hybrid") else "registered; exactness not yet tested",
+            padding="honoured (mask on the mixer input)",
+            gpu="— (tests against fla kernels written, not run: fla absent on the GPU machine)",
             classes=(f"{_TF}.{_model}.modeling_{_model}.{_cls}",),
             build=_builder(_norm),
             functions=_functions(_model),

@@ -53,6 +53,9 @@ for _model, _cls in [("lfm2", "Lfm2ShortConv"), ("lfm2_moe", "Lfm2MoeShortConv")
     register_adapter(
         Adapter(
             family="short_conv",
+            # tests/test_short_conv.py builds LFM2 models
+            cpu="yes" if _model == "lfm2" else "registered; exactness not yet tested",
+            padding="honoured (mask on the mixer input)",
             classes=(f"{_base}.{_cls}",),
             build=build_hf_short_conv,
             functions=(f"{_base}.causal_conv1d_fn", f"{_base}.causal_conv1d_update"),

@@ -130,9 +130,12 @@ for _model, _cls, _note in [
     ("nemotron_h", "NemotronHMamba2Mixer", "hybrid; dt clamped at time_step_min; conv activation mamba_hidden_act"),
     ("falcon_h1", "FalconH1Mixer", "ssm_in_multiplier and mup_vector are inside the captured tensors; optional norm"),
 ]:
+    _gpu = "mamba-ssm Triton chunk scan + causal-conv1d (when installed), fp32/bf16" if _model == "mamba2" else ""
     register_adapter(
         Adapter(
             family="mamba2",
+            padding="honoured (mask as a column scaling)",
+            gpu=_gpu,
             classes=(f"{_TF}.{_model}.modeling_{_model}.{_cls}",),
             build=build_hf_mamba2,
             functions=_mamba2_functions(_model),

@@ -53,6 +53,7 @@ def build_hf_lightning(module: nn.Module, rec: Recording, name: str) -> Lightnin
 register_adapter(
     Adapter(
         family="lightning",
+        padding="honoured (pad rows zeroed after the activation)",
         classes=("transformers.models.minimax.modeling_minimax.MiniMaxLightningAttention",),
         build=build_hf_lightning,
         submodule_inputs=("qkv_proj", "norm", "output_gate"),

@@ -119,6 +119,8 @@ def build_hf_rglru(module: nn.Module, rec: Recording, name: str) -> RglruAttenti
 register_adapter(
     Adapter(
         family="rglru",
+        padding="no mask in the model (state resets where position_ids == 0)",
+        gpu="HF torch path on CUDA, fp32/bf16",
         classes=(f"{_MOD}.RecurrentGemmaRecurrentBlock",),
         build=build_hf_rglru,
         submodule_inputs=("conv_1d", "rg_lru"),

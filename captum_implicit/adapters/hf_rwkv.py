@@ -201,6 +201,8 @@ def build_hf_rwkv(module: nn.Module, rec: Recording, name: str) -> RwkvAttention
 register_adapter(
     Adapter(
         family="rwkv",
+        padding="ignored by the model (HF warns); ignored here too",
+        gpu="HF on CUDA (torch WKV; the hub CUDA kernel was not available), fp32/bf16",
         classes=(f"{_MOD}.RwkvSelfAttention",),
         build=build_hf_rwkv,
         functions=(f"{_MOD}.rwkv_linear_attention",),

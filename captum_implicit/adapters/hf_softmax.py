@@ -107,6 +107,12 @@ def _builder(gate_fn: Callable[[nn.Module, Recording], Tensor] | None) -> Callab
     return build
 
 
+# hybrids whose attention exactness tests/test_softmax.py covers
+_TESTED = {
+    "jamba", "zamba", "bamba", "granitemoehybrid", "minimax", "lfm2", "olmo_hybrid", "kimi_linear",
+    "recurrent_gemma", "qwen3_next",
+}
+
 for _model, _cls, _out, _gated in [
     ("jamba", "JambaAttention", "o_proj", False),
     ("zamba", "ZambaAttention", "o_proj", False),
@@ -128,6 +134,8 @@ for _model, _cls, _out, _gated in [
     register_adapter(
         Adapter(
             family="softmax",
+            cpu="yes" if _model in _TESTED else "registered; exactness not yet tested",
+            padding="honoured (eager attention mask)",
             classes=(f"{_TF}.{_model}.modeling_{_model}.{_cls}",),
             build=_builder(_qwen_gate if _gated else None),
             functions=(f"{_TF}.{_model}.modeling_{_model}.eager_attention_forward",),

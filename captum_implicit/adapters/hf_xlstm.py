@@ -57,6 +57,7 @@ def build_hf_mlstm(module: nn.Module, rec: Recording, name: str) -> MLSTMAttenti
 register_adapter(
     Adapter(
         family="mlstm",
+        padding="no mask in the model",
         classes=("transformers.models.xlstm.modeling_xlstm.xLSTMLayer",),
         build=build_hf_mlstm,
         submodule_inputs=("mlstm_backend", "multihead_norm", "ogate_act_fn"),
