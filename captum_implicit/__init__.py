@@ -9,13 +9,6 @@ Entry points:
   :class:`ImplicitAttention`, :class:`MambaAttr`, :class:`ImplicitLLMAttribution`.
 """
 
-from .attr import (
-    ImplicitAttention,
-    ImplicitAttentionRollout,
-    ImplicitAttnGrad,
-    ImplicitLLMAttribution,
-    MambaAttr,
-)
 from .config import blockwise, config
 from .core.attention import LayerAttention
 from .core.capture import Capture, implicit_attention
@@ -29,6 +22,21 @@ from .core.errors import (
 from .core.registry import Adapter, register_adapter, supported_classes, unregister_adapter
 
 __version__ = "0.1.0"
+
+# The Captum classes import captum.attr (slow, and not needed to capture matrices): load them on first use.
+_ATTR = ("ImplicitAttention", "ImplicitAttentionRollout", "ImplicitAttnGrad", "ImplicitLLMAttribution", "MambaAttr")
+
+
+def __getattr__(name: str):
+    if name in _ATTR:
+        from . import attr
+
+        return getattr(attr, name)
+    raise AttributeError(f"module 'captum_implicit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
 
 __all__ = [
     "Adapter",
