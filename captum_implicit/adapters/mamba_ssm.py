@@ -23,28 +23,33 @@ _SIMPLE = "mamba_ssm.modules.mamba_simple"
 _MAMBA2 = "mamba_ssm.modules.mamba2"
 
 
-def _unfused(module: nn.Module) -> Callable[[], None]:
-    old = module.use_fast_path
-    module.use_fast_path = False
+def _switched_off(flag: str) -> Callable[[nn.Module], Callable[[], None]]:
+    """A ``prepare`` that sets ``module.<flag> = False`` for the capture (a fused path that cannot be
+    observed) and returns the undo."""
 
-    def undo() -> None:
-        module.use_fast_path = old
+    def prepare(module: nn.Module) -> Callable[[], None]:
+        old = getattr(module, flag)
+        setattr(module, flag, False)
+        return lambda: setattr(module, flag, old)
 
-    return undo
+    return prepare
+
+
+def _conv_input(rec: Recording):
+    """The pre-conv input: ``causal_conv1d_fn``'s ``x`` when causal-conv1d is installed, else ``conv1d``'s input."""
+    conv = rec.calls_of("causal_conv1d_fn")
+    if conv:
+        x = argument(conv[0], "x")
+        return positional(conv[0], 1)[0] if x is None else x
+    if "conv1d" in rec.submodule_inputs:
+        return rec.submodule_inputs["conv1d"][0][0]
+    return None
 
 
 def build_mamba_ssm(module: nn.Module, rec: Recording, name: str) -> MambaAttention:
     scan = rec.call("selective_scan_fn")
     u, dt, A, B, C = positional(scan, 5)
-    conv = rec.calls_of("causal_conv1d_fn")
-    if conv:
-        conv_input = argument(conv[0], "x")
-        if conv_input is None:
-            conv_input = positional(conv[0], 1)[0]
-    elif "conv1d" in rec.submodule_inputs:
-        conv_input = rec.submodule_inputs["conv1d"][0][0]
-    else:
-        conv_input = None
+    conv_input = _conv_input(rec)
     weight = module.conv1d.weight[:, 0]
     return build_mamba_attention(
         name,
@@ -73,7 +78,7 @@ register_adapter(
         functions=(f"{_SIMPLE}.selective_scan_fn", f"{_SIMPLE}.causal_conv1d_fn"),
         submodule_inputs=("conv1d",),
         output_module="out_proj",
-        prepare=_unfused,
+        prepare=_switched_off("use_fast_path"),
         cpu="— (mamba-ssm needs CUDA)",
         padding="no mask in mamba-ssm",
         gpu="CUDA selective scan + causal-conv1d, fp32/bf16, L ≤ 4096 (fused path switched off during capture)",
@@ -81,16 +86,6 @@ register_adapter(
     ),
     first=False,
 )
-
-
-def _unfused_mamba2(module: nn.Module) -> Callable[[], None]:
-    old = module.use_mem_eff_path
-    module.use_mem_eff_path = False
-
-    def undo() -> None:
-        module.use_mem_eff_path = old
-
-    return undo
 
 
 def build_mamba_ssm2(module: nn.Module, rec: Recording, name: str) -> Mamba2Attention:
@@ -106,15 +101,7 @@ def build_mamba_ssm2(module: nn.Module, rec: Recording, name: str) -> Mamba2Atte
             f"layer {name!r}: d_ssm < d_inner (a gated-MLP part next to the SSM in out_proj's input) is not supported"
         )
     dtype = compute_dtype(x, dt, B, C)
-    conv = rec.calls_of("causal_conv1d_fn")
-    if conv:
-        conv_input = argument(conv[0], "x")
-        if conv_input is None:
-            conv_input = positional(conv[0], 1)[0]
-    elif "conv1d" in rec.submodule_inputs:
-        conv_input = rec.submodule_inputs["conv1d"][0][0]
-    else:
-        conv_input = None
+    conv_input = _conv_input(rec)
     batch, length = x.shape[:2]
     if module.rmsnorm:
         y, z = rec.submodule_inputs["norm"][0][:2]
@@ -155,7 +142,7 @@ register_adapter(
         functions=(f"{_MAMBA2}.mamba_chunk_scan_combined", f"{_MAMBA2}.causal_conv1d_fn"),
         submodule_inputs=("conv1d", "norm"),
         output_module="out_proj",
-        prepare=_unfused_mamba2,
+        prepare=_switched_off("use_mem_eff_path"),
         cpu="— (mamba-ssm needs CUDA)",
         padding="no mask in mamba-ssm",
         gpu="Triton chunk scan + causal-conv1d, fp32/bf16, L ≤ 4096 (mem-eff path switched off during capture)",
