@@ -1,7 +1,9 @@
 """Benchmark 2: seconds per explanation — ImplicitAttnGrad against one forward+backward of the same model and
 against Captum's IntegratedGradients (50 steps), FeatureAblation and KernelShap, on the same inputs.
 
-    python benchmarks/bench_methods.py --device cpu  --size tiny   --length 64   --out benchmarks/results/methods-cpu.md
+    python benchmarks/bench_methods.py --device cpu  --size tiny   --length 64   --skip kernel_shap --out benchmarks/results/methods-cpu.md
+
+(Captum's KernelShap needs scikit-learn, which the dev install does not include.)
     python benchmarks/bench_methods.py --device cuda --size 130m   --length 4096 --out benchmarks/results/methods-h200.md
 
 Random weights (speed does not depend on training). Token models: Captum's embedding-space methods run on
