@@ -40,3 +40,14 @@ def test_demo_errors_are_clear(argv, message, tmp_path, capsys):
 def test_supported_lists_the_registry(capsys):
     assert main(["supported"]) == 0
     assert "MambaMixer" in capsys.readouterr().out
+
+
+def test_evaluate_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--models", "mamba-trigger", "--examples", "4", "--no-sanity",
+            "--methods", "random,implicit_attn_grad", "--out", str(out)]
+    assert main(argv) == 0
+    table = (out / "results.md").read_text()
+    assert "implicit_attn_grad" in table and "GT AUROC" in table
+    assert (out / "results.csv").exists() and (out / "run.json").exists()
+    assert main(["evaluate", "--models", "nope", "--out", str(out)]) == 2
