@@ -18,7 +18,7 @@ from torch import nn
 from ..core.capture import Recording
 from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
-from ..layers.mamba import compute_dtype
+from ..core.attention import compute_dtype
 from ..layers.mamba2 import Mamba2Attention, build_mamba2_attention, gated_norm_scale
 from ._common import argument, positional
 

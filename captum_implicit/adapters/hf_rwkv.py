@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from ..core.capture import Recording
 from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
-from ..layers.rwkv import RwkvAttention, build_rwkv_attention, compute_dtype
+from ..core.attention import compute_dtype
+from ..layers.rwkv import RwkvAttention, build_rwkv_attention
 from ._common import positional
 
 _MOD = "transformers.models.rwkv.modeling_rwkv"

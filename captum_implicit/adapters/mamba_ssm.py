@@ -12,10 +12,11 @@ from collections.abc import Callable
 
 from torch import nn
 
+from ..core.attention import compute_dtype
 from ..core.capture import Recording
 from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
-from ..layers.mamba import MambaAttention, build_mamba_attention, compute_dtype
+from ..layers.mamba import MambaAttention, build_mamba_attention
 from ..layers.mamba2 import Mamba2Attention, build_mamba2_attention, gated_norm_scale
 from ._common import argument, positional
 

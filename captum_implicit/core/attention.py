@@ -196,13 +196,17 @@ class LayerAttention(ABC):
         return blockwise.row(self, index, reduce, grad)
 
     # ------------------------------------------------------------- layouts
-    @abstractmethod
     def to_output_layout(self, y: Tensor) -> Tensor:
-        """Rearrange ``(b, C, L, dv)`` to the layout of the tensor entering the output projection."""
+        """Rearrange ``(b, C, L, dv)`` to the layout of the tensor entering the output projection.
 
-    @abstractmethod
+        Default: ``dv = 1`` and channels last, ``(b, C, L, 1) -> (b, L, C)`` — what most mixers feed
+        their output projection. Families with another layout override this and :meth:`from_output_layout`.
+        """
+        return y[..., 0].transpose(1, 2)
+
     def from_output_layout(self, t: Tensor) -> Tensor:
         """Inverse of :meth:`to_output_layout` (used to map output gradients to channels)."""
+        return t.transpose(1, 2)[..., None]
 
     @property
     def output_grad(self) -> Tensor | None:
@@ -212,6 +216,11 @@ class LayerAttention(ABC):
         """Store the gradient at the layer output (given in output layout)."""
         g = self.from_output_layout(grad_in_output_layout.to(self.dtype))
         self._output_grad = g if self._output_grad is None else self._output_grad + g
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float64 if the model computes in float64, else float32 (half-precision models are explained in float32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def conv_right(inner: Tensor, weight: Tensor, width: int) -> Tensor:

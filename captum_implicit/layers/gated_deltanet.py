@@ -152,11 +152,6 @@ class DeltaRuleAttention(LayerAttention):
         heads = torch.arange(self.num_channels, device=self.device)[channels] // self.head_dim_v
         return self.head_matrix()[:, :, rows, cols][:, heads]
 
-    def to_output_layout(self, y: Tensor) -> Tensor:
-        return y[..., 0].transpose(1, 2)  # (b, H·dv, L, 1) -> (b, L, H·dv), the input of the output projection
-
-    def from_output_layout(self, t: Tensor) -> Tensor:
-        return t.transpose(1, 2)[..., None]
 
 
 def l2_normalise(x: Tensor, eps: float = 1e-6) -> Tensor:

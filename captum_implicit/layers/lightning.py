@@ -56,11 +56,6 @@ class LightningAttention(LayerAttention):
         expo = (-self.slope[unique].to(scores.dtype)[:, None, None] * lag).masked_fill(lag < 0, float("-inf"))
         return (scores * torch.exp(expo))[:, inverse]
 
-    def to_output_layout(self, y: Tensor) -> Tensor:
-        return y[..., 0].transpose(1, 2)  # (b, H·d, L, 1) -> (b, L, H·d), the input of out_proj
-
-    def from_output_layout(self, t: Tensor) -> Tensor:
-        return t.transpose(1, 2)[..., None]
 
 
 def build_lightning_attention(

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.attention import Channels, LayerAttention
+from ..core.attention import Channels, LayerAttention, compute_dtype
 from ..ops.decay import diagonal_ssm_tile
 
 
@@ -101,16 +101,7 @@ class MambaAttention(LayerAttention):
                 out[:, :, idx - rows.start, idx - cols.start] += self.skip[channels].to(dtype)[None, :, None]
         return out
 
-    def to_output_layout(self, y: Tensor) -> Tensor:
-        return y[..., 0].transpose(1, 2)  # (b, C, L, 1) -> (b, L, C), the input of out_proj
 
-    def from_output_layout(self, t: Tensor) -> Tensor:
-        return t.transpose(1, 2)[..., None]
-
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if the model computes in float64, else float32 (half-precision models are explained in float32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def build_mamba_attention(

@@ -32,10 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..core.attention import Channels, LayerAttention
+from ..core.attention import Channels, LayerAttention, compute_dtype
 from ..core.errors import CaptureError
 from ..ops.decay import scalar_decay_tile
-from .mamba import compute_dtype
 
 
 class Mamba2Attention(LayerAttention):
@@ -122,11 +121,6 @@ class Mamba2Attention(LayerAttention):
                 out[:, :, idx - rows.start, idx - cols.start] += self.skip[index].to(out.dtype)[None, :, None]
         return out
 
-    def to_output_layout(self, y: Tensor) -> Tensor:
-        return y[..., 0].transpose(1, 2)  # (b, C, L, 1) -> (b, L, H·P), the input of out_proj
-
-    def from_output_layout(self, t: Tensor) -> Tensor:
-        return t.transpose(1, 2)[..., None]
 
 
 def gated_norm_scale(

@@ -112,11 +112,6 @@ class MLSTMAttention(LayerAttention):
     def _compute_offset(self) -> Tensor | None:
         return None if self.bias_term is None else self.bias_term[..., None].to(self.dtype)
 
-    def to_output_layout(self, y: Tensor) -> Tensor:
-        return y[..., 0].transpose(1, 2)  # (b, H·dv, L, 1) -> (b, L, H·dv), the input of out_proj
-
-    def from_output_layout(self, t: Tensor) -> Tensor:
-        return t.transpose(1, 2)[..., None]
 
 
 def build_mlstm_attention(

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.attention import Channels, LayerAttention
+from ..core.attention import Channels, LayerAttention, compute_dtype
 from ..ops.decay import diagonal_ssm_tile
 
 
@@ -83,16 +83,7 @@ class RglruAttention(LayerAttention):
             out = out * same[:, None].to(out.dtype)
         return out
 
-    def to_output_layout(self, y: Tensor) -> Tensor:
-        return y[..., 0].transpose(1, 2)  # (b, W, L, 1) -> (b, L, W), the input of linear_out
 
-    def from_output_layout(self, t: Tensor) -> Tensor:
-        return t.transpose(1, 2)[..., None]
-
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if the model computes in float64, else float32 (half precision is explained in float32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def build_rglru_attention(

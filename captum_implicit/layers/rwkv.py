@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..core.attention import Channels, LayerAttention
+from ..core.attention import Channels, LayerAttention, compute_dtype
 
 
 def wkv_log_normaliser(keys: Tensor, decay: Tensor, bonus: Tensor, chunk: int = 64) -> Tensor:
@@ -200,10 +200,6 @@ class RwkvAttention(LayerAttention):
         g = t.transpose(1, 2)[..., None]
         return torch.cat([g, g], dim=1)  # both channel groups feed the same output channel
 
-
-def compute_dtype(*tensors: Tensor) -> torch.dtype:
-    """float64 if the model computes in float64, else float32 (half precision is explained in float32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def build_rwkv_attention(

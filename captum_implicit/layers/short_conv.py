@@ -59,8 +59,3 @@ class ShortConvAttention(LayerAttention):
             return None
         return (self.row_scale * self.bias.to(self.dtype)[None, :, None])[..., None]
 
-    def to_output_layout(self, y: Tensor) -> Tensor:
-        return y[..., 0].transpose(1, 2)  # (b, C, L, 1) -> (b, L, C), the input of out_proj
-
-    def from_output_layout(self, t: Tensor) -> Tensor:
-        return t.transpose(1, 2)[..., None]

@@ -37,11 +37,6 @@ class SoftmaxAttention(LayerAttention):
         heads = torch.arange(self.num_channels, device=self.device)[channels] // self.head_dim_v
         return self.probs[:, :, rows, cols][:, heads].to(self.dtype)
 
-    def to_output_layout(self, y: Tensor) -> Tensor:
-        return y[..., 0].transpose(1, 2)  # (b, H·d, L, 1) -> (b, L, H·d), the input of o_proj
-
-    def from_output_layout(self, t: Tensor) -> Tensor:
-        return t.transpose(1, 2)[..., None]
 
 
 def build_softmax_attention(
