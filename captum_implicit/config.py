@@ -25,6 +25,9 @@ class Config:
     max_block_elements: int = 1 << 22
     #: GPUs have the memory and want fewer, larger launches
     max_block_elements_cuda: int = 1 << 27
+    #: use the fused Triton kernels (``captum_implicit.ops.*_triton``) where they apply (CUDA, float32);
+    #: ``False`` forces the torch reference path everywhere
+    triton: bool = True
 
     def budget(self, device: "torch.device | str") -> int:
         return self.max_block_elements_cuda if str(device).startswith("cuda") else self.max_block_elements
@@ -34,18 +37,24 @@ config = Config()
 
 
 @contextmanager
-def blockwise(tile: int | None = None, max_block_elements: int | None = None) -> Iterator[Config]:
-    """Temporarily change the tile size / block budget::
+def blockwise(
+    tile: int | None = None, max_block_elements: int | None = None, triton: bool | None = None
+) -> Iterator[Config]:
+    """Temporarily change the tile size / block budget / kernel choice::
 
         with captum_implicit.config.blockwise(tile=128):
             attn.aggregate()
+        with captum_implicit.config.blockwise(triton=False):  # torch reference path only
+            attn.dense()
     """
-    old = (config.tile, config.max_block_elements, config.max_block_elements_cuda)
+    old = (config.tile, config.max_block_elements, config.max_block_elements_cuda, config.triton)
     try:
         if tile is not None:
             config.tile = int(tile)
         if max_block_elements is not None:
             config.max_block_elements = config.max_block_elements_cuda = int(max_block_elements)
+        if triton is not None:
+            config.triton = bool(triton)
         yield config
     finally:
-        config.tile, config.max_block_elements, config.max_block_elements_cuda = old
+        config.tile, config.max_block_elements, config.max_block_elements_cuda, config.triton = old

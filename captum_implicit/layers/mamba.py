@@ -26,8 +26,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import config
 from ..core.attention import Channels, LayerAttention, compute_dtype
+from ..ops import ssm_triton
 from ..ops.decay import diagonal_ssm_tile
+
+_KERNEL_MODE = {
+    "mean": "sum", "sum": "sum", "abs_mean": "abs", "abs_sum": "abs",
+    "positive_mean": "positive", "positive_sum": "positive", "max_abs": "max_abs",
+}
 
 
 class MambaAttention(LayerAttention):
@@ -101,7 +108,35 @@ class MambaAttention(LayerAttention):
                 out[:, :, idx - rows.start, idx - cols.start] += self.skip[channels].to(dtype)[None, :, None]
         return out
 
+    # ------------------------------------------------ fused kernel (CUDA, float32)
+    def _kernel(self, mode: str, grad: Tensor | None) -> Tensor | None:
+        """The Triton kernel's result, or ``None`` where it does not apply (the torch path runs)."""
+        if not (config.triton and self.dtype == torch.float32 and ssm_triton.available(self.device)):
+            return None
+        lam, rho = self.row_scale, None
+        if grad is not None:
+            g = grad[..., 0].to(torch.float32)
+            lam = g if lam is None else lam * g
+            rho = self.values[..., 0]
+        return ssm_triton.ssm_kernel(
+            mode, cum=self.cum, rate=self.rate, read=self.read, write=self.write, write_scale=self.write_scale,
+            head_of=self.head_of, skip=self.skip, row_scale=lam, col_scale=self.col_scale, col_values=rho,
+            conv_weight=self.conv_weight,
+        )
 
+    def aggregate(self, reduce: str = "mean", grad: Tensor | None = None) -> Tensor:
+        if reduce in _KERNEL_MODE:
+            out = self._kernel(_KERNEL_MODE[reduce], grad)
+            if out is not None:
+                return out.div_(self.num_channels) if reduce.endswith("mean") else out
+        return super().aggregate(reduce, grad)
+
+    def dense(self, channels: Tensor | slice | int | list[int] | None = None) -> Tensor:
+        if channels is None:
+            out = self._kernel("dense", None)
+            if out is not None:
+                return out
+        return super().dense(channels)
 
 
 def build_mamba_attention(
