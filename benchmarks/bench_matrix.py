@@ -88,7 +88,7 @@ def main() -> None:
         del buf
         extrap = coef * length**3
         lines.append(
-            f"| {length} | ≈{extrap:.0f} (extrapolated c·L³) | {t_ours:.3f} | {t_write:.3f} | {t_ours / t_write:.1f}× "
+            f"| {length} | ≈{extrap:.0f} (extrapolated c·L³) | {t_ours:.4f} | {t_write:.4f} | {t_ours / t_write:.1f}× "
             f"(speed-up vs published ≈{extrap / t_ours:.0f}×) |"
         )
     lines += ["", "## One query row (the last)", "", "| L | published row (s) | ours row() (s) | speed-up | max rel diff |", "|---|---|---|---|---|"]

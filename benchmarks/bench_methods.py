@@ -4,7 +4,10 @@ against Captum's IntegratedGradients (50 steps), FeatureAblation and KernelShap,
     python benchmarks/bench_methods.py --device cpu  --size tiny   --length 64   --skip kernel_shap --out benchmarks/results/methods-cpu.md
 
 (Captum's KernelShap needs scikit-learn, which the dev install does not include.)
-    python benchmarks/bench_methods.py --device cuda --size 130m   --length 4096 --out benchmarks/results/methods-h200.md
+    python benchmarks/bench_methods.py --device cuda --size 130m   --length 4096 --impl mamba_ssm \
+        --out benchmarks/results/methods-h200.md
+
+``--impl mamba_ssm`` uses mamba-ssm's ``MambaLMHeadModel`` (its CUDA kernels) instead of HF's ``MambaForCausalLM``.
 
 Random weights (speed does not depend on training). Token models: Captum's embedding-space methods run on
 ``inputs_embeds`` through a small wrapper returning the target logit at the last position.
@@ -26,6 +29,39 @@ SIZES = {
     "tiny": dict(hidden_size=64, state_size=8, num_hidden_layers=2),
     "130m": dict(hidden_size=768, state_size=16, num_hidden_layers=24),
 }
+
+
+class SSMLastLogit(torch.nn.Module):
+    """The same for mamba-ssm's MambaLMHeadModel, which takes no embeddings: its embedding's output is replaced."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, embeds: torch.Tensor) -> torch.Tensor:
+        ids = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        handle = self.model.backbone.embedding.register_forward_hook(lambda m, a, out: embeds.to(out.dtype))
+        try:
+            return self.model(ids).logits[:, -1]
+        finally:
+            handle.remove()
+
+
+def build(impl: str, size: str, device: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(model for ImplicitAttnGrad, wrapper embeds -> last-position logits for Captum)."""
+    if impl == "mamba_ssm":
+        from mamba_ssm.models.config_mamba import MambaConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+
+        cfg = SIZES[size]
+        model = MambaLMHeadModel(
+            MambaConfig(d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"], vocab_size=256,
+                        ssm_cfg={"layer": "Mamba1", "d_state": cfg["state_size"]}),
+            device=device,
+        ).eval()
+        return model, SSMLastLogit(model)
+    model = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=256, **SIZES[size])).to(device).eval()
+    return model, LastLogit(model)
 
 
 class LastLogit(torch.nn.Module):
@@ -57,16 +93,18 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", default="tiny", choices=sorted(SIZES))
     p.add_argument("--length", type=int, default=64)
+    p.add_argument("--impl", default="hf", choices=["hf", "mamba_ssm"])
+    p.add_argument("--batch", type=int, default=1, help="perturbations per forward for FeatureAblation")
     p.add_argument("--skip", default="", help="comma-separated methods to skip (e.g. kernel_shap)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     dev, length = a.device, a.length
     torch.manual_seed(0)
-    model = tf.MambaForCausalLM(tf.MambaConfig(vocab_size=256, **SIZES[a.size])).to(dev).eval()
+    model, wrapped = build(a.impl, a.size, dev)
     ids = torch.randint(0, 256, (1, length), device=dev)
     target = 7
-    embeds = model.get_input_embeddings()(ids).detach()
-    wrapped = LastLogit(model)
+    embedding = model.backbone.embedding if a.impl == "mamba_ssm" else model.get_input_embeddings()
+    embeds = embedding(ids).detach()
     skip = set(a.skip.split(",")) if a.skip else set()
 
     def fwd_bwd():
@@ -82,7 +120,7 @@ def main() -> None:
     if "feature_ablation" not in skip:
         fa = FeatureAblation(wrapped)
         mask = torch.arange(length, device=dev)[None, :, None].expand_as(embeds)
-        rows.append(("FeatureAblation (one token at a time)", timed(lambda: fa.attribute(embeds, target=target, feature_mask=mask), dev, 1)))
+        rows.append(("FeatureAblation (one token at a time)", timed(lambda: fa.attribute(embeds, target=target, feature_mask=mask, perturbations_per_eval=a.batch), dev, 1)))
     if "kernel_shap" not in skip:
         ks = KernelShap(wrapped)
         mask = torch.arange(length, device=dev)[None, :, None].expand_as(embeds)
@@ -90,7 +128,7 @@ def main() -> None:
     base = dict(rows)["ImplicitAttnGrad"]
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
     lines = [
-        f"# Seconds per explanation ({name}; Mamba {a.size}, random weights, L={length}, batch 1, float32)",
+        f"# Seconds per explanation ({name}; Mamba {a.size} ({a.impl}), random weights, L={length}, batch 1, float32)",
         "",
         "| method | seconds | × ImplicitAttnGrad |",
         "|---|---|---|",

@@ -42,6 +42,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 #: largest ``|a| · Δ-span`` over one row block (+ conv halo) that the factorisation accepts
 MAX_EXPONENT = 80.0
 BLOCK = 64
+#: precision of the rank-N products: "ieee" (float32 FMAs) or "tf32x3" (tensor cores, three TF32 products
+#: recovering float32 accuracy)
+PRODUCT = "tf32x3"
+NUM_WARPS = 4
 MODES = {"dense": 0, "sum": 1, "abs": 2, "positive": 3, "max_abs": 4}
 
 
@@ -66,6 +70,7 @@ if triton is not None:
         s_ob, s_oc, s_ot,  # out strides (batch, channel|group, row); columns contiguous
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
+        PRODUCT: tl.constexpr,
     ):
         tile = tl.program_id(0)
         b = tl.program_id(1)
@@ -122,7 +127,7 @@ if triton is not None:
                     if far:
                         kacc += kj
                     else:
-                        part = tl.dot(q, tl.trans(kj), input_precision="ieee")
+                        part = tl.dot(q, tl.trans(kj), input_precision=PRODUCT)
                         causal = s_j[None, :] <= offs_t[:, None]
                         m += tl.where(causal, part, 0.0)
                         if HAS_SKIP:
@@ -134,7 +139,7 @@ if triton is not None:
                                 dcol = dcol + tl.zeros((BS,), dtype=tl.float32)
                             m += tl.where(s_j[None, :] == offs_t[:, None], dcol[None, :], 0.0)
                 if far:
-                    m = tl.dot(q, tl.trans(kacc), input_precision="ieee")
+                    m = tl.dot(q, tl.trans(kacc), input_precision=PRODUCT)
                 if HAS_LSC:
                     m = m * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)[:, None]
                 if HAS_RSC:
@@ -160,7 +165,7 @@ def _block_for(cum: Tensor, rate: Tensor, taps: int, length: int) -> int | None:
     zero = torch.zeros_like(cum[..., :1])
     padded = torch.cat([zero, cum], dim=-1)  # padded[i] = cum_{i-1}
     amax = rate.abs().amax(-1).to(torch.float64)  # (C,)
-    for block in (BLOCK, BLOCK // 2, BLOCK // 4):
+    for block in [b for b in (BLOCK, BLOCK // 2, BLOCK // 4) if b >= 16]:
         starts = torch.arange(0, length, block, device=cum.device)
         ends = torch.clamp(starts + block - 1 + taps - 1, max=length - 1)
         span = padded[..., ends + 1] - padded[..., starts]  # (b, C, blocks)
@@ -254,7 +259,7 @@ def ssm_kernel(
         out.stride(0), out.stride(1), out.stride(2),
         N_P=max(16, triton.next_power_of_2(nstate)), K=taps, BT=block, BS=block, MODE=MODES[mode],
         HAS_SKIP=skip is not None, HAS_LSC=row_scale is not None, HAS_RSC=col_values is not None,
-        HAS_COL=col_scale is not None,
+        HAS_COL=col_scale is not None, PRODUCT=PRODUCT, num_warps=NUM_WARPS,
     )
     if dense:
         return out
