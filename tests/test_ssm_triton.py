@@ -123,6 +123,7 @@ def test_kernel_logic_in_triton_interpreter():
     pytest.importorskip("triton")
     code = (
         "import sys; sys.path.insert(0, 'tests'); import test_ssm_triton as t; "
+        "from captum_implicit.ops import ssm_triton; ssm_triton.FACTOR_ELEMENTS = 40 * 16; "  # one channel per launch
         "a = t.random_mamba_attention('cpu', channels=2, length=40, state=3, batch=1); "
         "assert a._kernel('sum', None) is not None; t.compare_with_reference(a); print('ok')"
     )

@@ -46,6 +46,10 @@ BLOCK = 64
 #: recovering float32 accuracy)
 PRODUCT = "tf32x3"
 NUM_WARPS = 4
+#: elements of one precomputed factor tensor per launch (channels are processed in chunks of this size)
+FACTOR_ELEMENTS = 1 << 28
+#: programs to aim for when splitting the channel reduction into groups
+PROGRAMS = 16 * 132
 MODES = {"dense": 0, "sum": 1, "abs": 2, "positive": 3, "max_abs": 4}
 
 
@@ -64,13 +68,13 @@ if triton is not None:
 
     @triton.jit
     def _ssm_kernel(
-        out_ptr, tiles_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
+        out_ptr, tiles_ptr, q_ptr, k_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, head_ptr,
         skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
-        L, C, H, N, ch_per_prog,
+        L, C, H, N, c_base, c_count, ch_per_prog,
         s_ob, s_oc, s_ot,  # out strides (batch, channel|group, row); columns contiguous
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
-        PRODUCT: tl.constexpr,
+        ACCUMULATE: tl.constexpr, PRODUCT: tl.constexpr,
     ):
         tile = tl.program_id(0)
         b = tl.program_id(1)
@@ -83,70 +87,72 @@ if triton is not None:
         mask_t = offs_t < L
         mask_s = offs_s < L
         mask_n = offs_n < N
-        c0 = grp * ch_per_prog
-        c1 = tl.minimum(c0 + ch_per_prog, C)
+        mask_ts = mask_t[:, None] & mask_s[None, :]
+        lc0 = grp * ch_per_prog
+        lc1 = tl.minimum(lc0 + ch_per_prog, c_count)
         if bj > bi:  # above the diagonal: dense mode writes its zeros
             zero = tl.zeros((BT, BS), dtype=tl.float32)
-            for c in range(c0, c1):
-                ptrs = out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
-                tl.store(ptrs, zero, mask=mask_t[:, None] & mask_s[None, :])
+            for lc in range(lc0, lc1):
+                ptrs = out_ptr + b * s_ob + (c_base + lc) * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
+                tl.store(ptrs, zero, mask=mask_ts)
         else:
             pivot = bi * BT - 1
-            # the conv halo of the tile's last column: does any s + j reach the row block?
+            # columns (with their conv halo) left of the row block: precomputed factors, one product
             far = bj * BS + BS - 1 + K - 1 <= pivot
-            acc = tl.zeros((BT, BS), dtype=tl.float32)
-            for c in range(c0, c1):
-                h = tl.load(head_ptr + c)
+            col_pivot = tl.minimum(bj * BS + BS - 1 + K - 1, L - 1)
+            out_tile = out_ptr + b * s_ob + grp * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
+            if ACCUMULATE:
+                acc = tl.load(out_tile, mask=mask_ts, other=0.0)
+            else:
+                acc = tl.zeros((BT, BS), dtype=tl.float32)
+            for lc in range(lc0, lc1):
+                c = c_base + lc
                 base_bc = (b * C + c) * L
-                base_bh = (b * H + h) * L
-                cum_p = tl.load(cum_ptr + base_bc + pivot, mask=pivot >= 0, other=0.0)
+                base_q = (b * c_count + lc) * L
                 rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
-                cum_t = tl.load(cum_ptr + base_bc + offs_t, mask=mask_t, other=0.0)
-                dt_t = tl.where(mask_t, (cum_t - cum_p).to(tl.float32), 0.0)
-                q = tl.load(
-                    read_ptr + (base_bh + offs_t[:, None]) * N + offs_n[None, :],
-                    mask=mask_t[:, None] & mask_n[None, :], other=0.0,
-                )
-                q = q * tl.exp(dt_t[:, None] * rate[None, :])
-                m = tl.zeros((BT, BS), dtype=tl.float32)
-                kacc = tl.zeros((BS, N_P), dtype=tl.float32)
-                for j in tl.static_range(K):
-                    s_j = offs_s + j
-                    m_j = s_j < L
-                    cum_s = tl.load(cum_ptr + base_bc + s_j, mask=m_j, other=0.0)
-                    ds = tl.where(m_j, (cum_p - cum_s).to(tl.float32), 0.0)
-                    scale = tl.load(ws_ptr + base_bc + s_j, mask=m_j, other=0.0)
-                    if HAS_COL:
-                        scale = scale * tl.load(col_ptr + base_bc + s_j, mask=m_j, other=0.0)
-                    tap = tl.load(w_ptr + c * K + (K - 1 - j))
-                    kj = tl.load(
-                        write_ptr + (base_bh + s_j[:, None]) * N + offs_n[None, :],
-                        mask=m_j[:, None] & mask_n[None, :], other=0.0,
-                    )
-                    kj = kj * tl.exp(ds[:, None] * rate[None, :]) * (scale * tap)[:, None]
-                    if far:
-                        kacc += kj
-                    else:
-                        part = tl.dot(q, tl.trans(kj), input_precision=PRODUCT)
-                        causal = s_j[None, :] <= offs_t[:, None]
-                        m += tl.where(causal, part, 0.0)
-                        if HAS_SKIP:
-                            d = tl.load(skip_ptr + c)
-                            dcol = tap * d
-                            if HAS_COL:
-                                dcol = dcol * tl.load(col_ptr + base_bc + s_j, mask=m_j, other=0.0)
-                            else:
-                                dcol = dcol + tl.zeros((BS,), dtype=tl.float32)
-                            m += tl.where(s_j[None, :] == offs_t[:, None], dcol[None, :], 0.0)
+                cum_p = tl.load(cum_ptr + base_bc + pivot, mask=pivot >= 0, other=0.0)
+                q = tl.load(q_ptr + (base_q + offs_t[:, None]) * N_P + offs_n[None, :], mask=mask_t[:, None], other=0.0)
                 if far:
-                    m = tl.dot(q, tl.trans(kacc), input_precision=PRODUCT)
-                if HAS_LSC:
-                    m = m * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)[:, None]
-                if HAS_RSC:
-                    m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
+                    # K'[s] carries e^{a (cum_{col_pivot} - cum_{s+j})}; move its pivot to the row block's (≤ 1)
+                    cum_q = tl.load(cum_ptr + base_bc + col_pivot)
+                    shift = tl.exp((cum_p - cum_q).to(tl.float32) * rate)
+                    kk = tl.load(k_ptr + (base_q + offs_s[:, None]) * N_P + offs_n[None, :], mask=mask_s[:, None], other=0.0)
+                    m = tl.dot(q, tl.trans(kk * shift[None, :]), input_precision=PRODUCT)
+                else:
+                    h = tl.load(head_ptr + c)
+                    base_bh = (b * H + h) * L
+                    m = tl.zeros((BT, BS), dtype=tl.float32)
+                    if HAS_SKIP:
+                        d = tl.load(skip_ptr + c)
+                        if HAS_LSC:
+                            d_row = d * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)
+                        else:
+                            d_row = d + tl.zeros((BT,), dtype=tl.float32)
+                    for j in tl.static_range(K):
+                        s_j = offs_s + j
+                        m_j = s_j < L
+                        cum_s = tl.load(cum_ptr + base_bc + s_j, mask=m_j, other=0.0)
+                        ds = tl.where(m_j, (cum_p - cum_s).to(tl.float32), 0.0)
+                        scale = tl.load(ws_ptr + base_bc + s_j, mask=m_j, other=0.0)
+                        tap = tl.load(w_ptr + c * K + (K - 1 - j))
+                        if HAS_COL:
+                            col = tl.load(col_ptr + base_bc + s_j, mask=m_j, other=0.0) * tap
+                        else:
+                            col = tap + tl.zeros((BS,), dtype=tl.float32)
+                        kj = tl.load(
+                            write_ptr + (base_bh + s_j[:, None]) * N + offs_n[None, :],
+                            mask=m_j[:, None] & mask_n[None, :], other=0.0,
+                        )
+                        kj = kj * tl.exp(ds[:, None] * rate[None, :]) * (scale * col)[:, None]
+                        part = tl.dot(q, tl.trans(kj), input_precision=PRODUCT)
+                        m += tl.where(s_j[None, :] <= offs_t[:, None], part, 0.0)
+                        if HAS_SKIP:
+                            m += tl.where(s_j[None, :] == offs_t[:, None], d_row[:, None] * col[None, :], 0.0)
+                    if HAS_RSC:
+                        m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
                 if MODE == 0:
                     ptrs = out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
-                    tl.store(ptrs, m, mask=mask_t[:, None] & mask_s[None, :])
+                    tl.store(ptrs, m, mask=mask_ts)
                 elif MODE == 1:
                     acc += m
                 elif MODE == 2:
@@ -156,8 +162,49 @@ if triton is not None:
                 else:
                     acc = tl.maximum(acc, tl.abs(m))
             if MODE != 0:
-                ptrs = out_ptr + b * s_ob + grp * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
-                tl.store(ptrs, acc, mask=mask_t[:, None] & mask_s[None, :])
+                tl.store(out_tile, acc, mask=mask_ts)
+
+
+def _factors(
+    ch: slice, block: int, n_pad: int, *, cum: Tensor, rate: Tensor, read: Tensor, write: Tensor, ws: Tensor,
+    head_of: Tensor, lsc: Tensor | None, col: Tensor | None, rsc: Tensor | None, weight: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Rank-N factors of the channels ``ch``, each pivoted inside its own block: ``(b, c, L, n_pad)`` float32.
+
+    ``Q[t] = λ_t C_t e^{a (cum_t − cum_{p(t)})}`` with ``p(t)`` the position before ``t``'s row block, and
+    ``K'[s] = ρ_s Σ_j w_{K-1-j} col_{s+j} Δ_{s+j} B_{s+j} e^{a (cum_{q(s)} − cum_{s+j})}`` with ``q(s)`` the last
+    conv-halo position of ``s``'s column block: every exponent is ≤ 0.
+    """
+    bsz, _, length = cum.shape
+    taps = weight.shape[-1]
+    pos = torch.arange(length, device=cum.device)
+    heads = head_of[ch]
+    cumc = cum[:, ch]
+    rate_c = rate[ch].float()[None, :, None, :]
+    row_pivot = (pos // block) * block - 1
+    cum_row = torch.where(row_pivot >= 0, cumc[..., row_pivot.clamp(min=0)], torch.zeros_like(cumc))
+    q = read[:, heads].float() * torch.exp((cumc - cum_row).float()[..., None] * rate_c)
+    if lsc is not None:
+        q = q * lsc[:, ch, :, None]
+    col_pivot = ((pos // block) * block + block - 1 + taps - 1).clamp(max=length - 1)
+    k = torch.zeros_like(q)
+    w_heads = write[:, heads].float()
+    for j in range(taps):
+        src = pos + j
+        valid = src < length
+        src = src.clamp(max=length - 1)
+        expo = (cumc[..., col_pivot] - cumc[..., src]).float().masked_fill(~valid, 0.0)
+        scale = ws[:, ch][..., src] * weight[ch, taps - 1 - j][None, :, None] * valid
+        if col is not None:
+            scale = scale * col[:, ch][..., src]
+        k += w_heads[:, :, src] * torch.exp(expo[..., None] * rate_c) * scale[..., None]
+    if rsc is not None:
+        k = k * rsc[:, ch, :, None]
+    pad = n_pad - q.shape[-1]
+    return (
+        torch.nn.functional.pad(q, (0, pad)).contiguous(),
+        torch.nn.functional.pad(k, (0, pad)).contiguous(),
+    )
 
 
 def _block_for(cum: Tensor, rate: Tensor, taps: int, length: int) -> int | None:
@@ -229,38 +276,45 @@ def ssm_kernel(
 
     cum = cum.to(torch.float64).contiguous()
     weight = prep(conv_weight) if conv_weight is not None else torch.ones(nch, 1, dtype=f32, device=device)
-    args = dict(
-        rate=prep(rate), read=prep(read), write=prep(write), ws=prep(write_scale),
-        skip=prep(skip), lsc=prep(row_scale), rsc=prep(col_values), col=prep(col_scale),
-    )
+    rate, read, write, ws = prep(rate), prep(read), prep(write), prep(write_scale)
+    skip, lsc, rsc, col = prep(skip), prep(row_scale), prep(col_values), prep(col_scale)
+    head_of = head_of.to(torch.int32).contiguous()
     dummy = torch.zeros(1, dtype=f32, device=device)
+    n_pad = max(16, triton.next_power_of_2(nstate))
     num_blocks = math.ceil(length / block)
     dense = mode == "dense"
     tiles = _tiles(num_blocks, dense, device)
+    # channels per launch: the precomputed factors are two (b, c, L, n_pad) float32 tensors
+    chunk = max(1, min(nch, FACTOR_ELEMENTS // (bsz * length * n_pad)))
     if dense:
-        groups, per_prog = nch, 1
+        groups, per_prog = chunk, 1
         out = torch.empty(bsz, nch, length, length, dtype=f32, device=device)
     else:
         # enough programs to fill the GPU; partial sums per channel group, summed (deterministically) after
-        want = 4 * 132 if device.type == "cuda" else 1
-        groups = max(1, min(nch, math.ceil(want / (tiles.shape[0] * bsz))))
-        per_prog = math.ceil(nch / groups)
-        groups = math.ceil(nch / per_prog)
+        want = PROGRAMS if device.type == "cuda" else 1
+        groups = max(1, min(chunk, math.ceil(want / (tiles.shape[0] * bsz))))
+        per_prog = math.ceil(chunk / groups)
+        groups = math.ceil(chunk / per_prog)
         out = torch.zeros(bsz, groups, length, length, dtype=f32, device=device)
-    grid = (tiles.shape[0], bsz, groups)
-    _ssm_kernel[grid](
-        out, tiles, cum, args["rate"], args["read"], args["write"], args["ws"], head_of.to(torch.int32).contiguous(),
-        args["skip"] if args["skip"] is not None else dummy,
-        args["lsc"] if args["lsc"] is not None else dummy,
-        args["rsc"] if args["rsc"] is not None else dummy,
-        args["col"] if args["col"] is not None else dummy,
-        weight,
-        length, nch, nheads, nstate, per_prog,
-        out.stride(0), out.stride(1), out.stride(2),
-        N_P=max(16, triton.next_power_of_2(nstate)), K=taps, BT=block, BS=block, MODE=MODES[mode],
-        HAS_SKIP=skip is not None, HAS_LSC=row_scale is not None, HAS_RSC=col_values is not None,
-        HAS_COL=col_scale is not None, PRODUCT=PRODUCT, num_warps=NUM_WARPS,
-    )
+    for c0 in range(0, nch, chunk):
+        ch = slice(c0, min(c0 + chunk, nch))
+        count = ch.stop - ch.start
+        q, k = _factors(
+            ch, block, n_pad, cum=cum, rate=rate, read=read, write=write, ws=ws, head_of=head_of.long(),
+            lsc=lsc, col=col, rsc=rsc, weight=weight,
+        )
+        grid = (tiles.shape[0], bsz, groups if not dense else count)
+        _ssm_kernel[grid](
+            out, tiles, q, k, cum, rate, write, ws, head_of,
+            skip if skip is not None else dummy, lsc if lsc is not None else dummy,
+            rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
+            length, nch, nheads, nstate, c0, count, per_prog if not dense else 1,
+            out.stride(0), out.stride(1), out.stride(2),
+            N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
+            HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
+            HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT, num_warps=NUM_WARPS,
+        )
+        del q, k
     if dense:
         return out
     if mode == "max_abs":
