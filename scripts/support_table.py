@@ -32,6 +32,22 @@ def render() -> str:
         for cls in a.classes:
             name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
             lines.append(f"| {a.family} | `{name}` | {a.cpu} | {a.gpu or '—'} | {a.padding or '—'} | {a.notes or ''} |")
+    lines += [
+        "",
+        "## flash-linear-attention (optional extra `fla`)",
+        "",
+        "`captum_implicit.layers.gla` gives the exact closed forms of GLA, HGRN2 (GLA with `k = 1 − e^g`),",
+        "RetNet (fixed per-head decay) and RWKV-6 (decay read before the step, bonus `u`); DeltaNet is the",
+        "delta-rule closed form with zero log-decay. fla's layer modules do not run on CPU (their kernels, norms",
+        "and short convs are Triton), so no module class is registered for them yet: `tests/test_fla.py` checks",
+        "the closed forms on CPU against fla's naive references (float32) and a float64 recurrence (≤ 1e-10),",
+        "and on the GPU against fla's Triton chunk kernels (`chunk_gla`, `chunk_rwkv6`, `chunk_retention`,",
+        "`chunk_delta_rule`; written, not yet run). CI does not install fla: with fla importable, transformers",
+        "binds fla's kernels for every Gated DeltaNet / KDA model and plain CPU forwards outside a capture crash.",
+        "To run them: `pip download --no-deps -d /tmp/fla-dl flash-linear-attention fla-core`,",
+        "`pip install --no-deps --target /tmp/fla-site /tmp/fla-dl/*.whl` (needs `einops` and `triton`), then",
+        "`PYTHONPATH=/tmp/fla-site:. pytest tests/test_fla.py`.",
+    ]
     return "\n".join(lines) + "\n"
 
 

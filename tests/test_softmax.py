@@ -209,3 +209,22 @@ def test_softmax_layers_of_other_hybrids(kind):
     assert soft, [a.family for a in layers]
     for attn in soft:
         assert rel_err(attn.output(), real[attn.name]) < 1e-10  # eager's own probs @ V, float64
+
+
+def test_fully_masked_pad_rows_are_causal_with_an_offset():
+    """Eager attention gives fully masked (left-pad) query rows a uniform row over all keys, future ones
+    included. A stays causal (so dense/aggregate do not depend on the tile size) and the future part is the
+    offset: output() stays exact also when L exceeds a tile, where tiles above the diagonal are skipped."""
+    for dtype in (torch.float64, torch.float32):
+        layers, real = _run(_jamba(dtype, 0), 0, 23, 4)
+        for attn in [a for a in layers if a.family == "softmax"]:
+            assert attn.offset is not None and attn.offset[0].abs().max() == 0  # unpadded row: no offset
+            assert attn.offset[1, :, :4].abs().max() > 0 and attn.offset[1, :, 4:].abs().max() == 0
+            with blockwise(tile=8):  # L = 23 > tile
+                dense = attn.dense()
+                assert torch.equal(dense, dense.tril())
+                assert rel_err(attn.output(), real[attn.name]) < (1e-10 if dtype == torch.float64 else 1e-4)
+                with blockwise(tile=5):
+                    # the same sum in another channel order: float64 rounding, or float32 rounding (≈ 1e-7)
+                    bound = 1e-12 if dtype == torch.float64 else 1e-6
+                    assert rel_err(attn.aggregate("abs_sum"), dense.abs().sum(1)) < bound

@@ -97,8 +97,8 @@ for _model, _cls, _norm, _out in [
     register_adapter(
         Adapter(
             family="gated_deltanet",
-            # tests/test_gated_deltanet.py builds Qwen3-Next, Qwen3.5 and OLMo-Hybrid models
-            cpu="yes" if _model in ("qwen3_next", "qwen3_5", "olmo_hybrid") else "registered; exactness not yet tested",
+            # CPU exactness: tests/test_gated_deltanet.py (Qwen3-Next, Qwen3.5, OLMo-Hybrid) and
+            # tests/test_hf_variants.py (Qwen3.5-MoE, LaraMini, Qwen4-Exp)
             padding="honoured (mask on the mixer input)",
             gpu="— (tests against fla kernels written, not run: fla absent on the GPU machine)",
             classes=(f"{_TF}.{_model}.modeling_{_model}.{_cls}",),

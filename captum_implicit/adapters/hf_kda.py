@@ -34,8 +34,7 @@ for _model, _cls in [
     register_adapter(
         Adapter(
             family="kda",
-            # tests/test_kda.py builds Kimi-Linear models
-            cpu="yes" if "kimi" in _model else "registered; exactness not yet tested",
+            # CPU exactness: tests/test_kda.py (Kimi-Linear), tests/test_hf_variants.py (Bailing, GLM-5-Next)
             padding="honoured (mask on the mixer input)",
             gpu="— (tests against fla kernels written, not run: fla absent on the GPU machine)",
             classes=(f"{_base}.{_cls}",),

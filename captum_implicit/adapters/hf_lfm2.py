@@ -53,8 +53,7 @@ for _model, _cls in [("lfm2", "Lfm2ShortConv"), ("lfm2_moe", "Lfm2MoeShortConv")
     register_adapter(
         Adapter(
             family="short_conv",
-            # tests/test_short_conv.py builds LFM2 models
-            cpu="yes" if _model == "lfm2" else "registered; exactness not yet tested",
+            # CPU exactness: tests/test_short_conv.py (LFM2), tests/test_hf_variants.py (LFM2-MoE, LFM3)
             padding="honoured (mask on the mixer input)",
             classes=(f"{_base}.{_cls}",),
             build=build_hf_short_conv,

@@ -5,6 +5,8 @@ exit; the model's masks are then built for eager too), and the module-global
 ``eager_attention_forward`` is recorded: it returns the probabilities exactly as the layer
 used them. Qwen3-Next / Qwen3.5 gate the attention output with ``σ(gate)``, ``gate`` being the
 second half of ``q_proj``'s per-head output; it is recomputed from ``q_proj``'s recorded input.
+LFM3 and Bailing-Hybrid gate each head with ``σ(g_proj(x))`` (one scalar per head and token,
+Bailing takes the sigmoid in float32); it is recomputed from ``g_proj``'s recorded input the same way.
 
 Float64 models: HF's eager attention adds ``finfo(float64).min`` to masked scores and takes the
 softmax in float32, where that is ``−inf``; fully masked query rows (left padding) then become NaN
@@ -87,6 +89,23 @@ def _qwen_gate(module: nn.Module, rec: Recording) -> Tensor:
     return torch.sigmoid(gate)
 
 
+def _head_gate(float32_sigmoid: bool) -> Callable[[nn.Module, Recording], Tensor]:
+    """``σ(g_proj(x))`` per (token, head), repeated over the head's value dims: ``(b, L, H·d)``."""
+
+    def gate(module: nn.Module, rec: Recording) -> Tensor:
+        recorded = rec.submodule_inputs.get("g_proj")
+        if not recorded:
+            raise CaptureError("expected a call of 'g_proj' during the attention forward")
+        hidden = recorded[0][0]
+        logits = F.linear(hidden, module.g_proj.weight, module.g_proj.bias)  # (b, L, H)
+        # the same ops as the layer: Bailing casts to float32 for the sigmoid and back, LFM3 does not
+        gate = torch.sigmoid(logits.float()).to(hidden.dtype) if float32_sigmoid else torch.sigmoid(logits)
+        head_dim = getattr(module, "v_head_dim", None) or module.head_dim
+        return gate.repeat_interleave(head_dim, dim=-1)
+
+    return gate
+
+
 def _builder(gate_fn: Callable[[nn.Module, Recording], Tensor] | None) -> Callable:
     def build(module: nn.Module, rec: Recording, name: str) -> SoftmaxAttention:
         call = rec.call("eager_attention_forward")
@@ -107,43 +126,50 @@ def _builder(gate_fn: Callable[[nn.Module, Recording], Tensor] | None) -> Callab
     return build
 
 
-# hybrids whose attention exactness tests/test_softmax.py covers
-_TESTED = {
-    "jamba", "zamba", "bamba", "granitemoehybrid", "minimax", "lfm2", "olmo_hybrid", "kimi_linear",
-    "recurrent_gemma", "qwen3_next",
+# Every class below is covered by a CPU exactness test: tests/test_softmax.py (Jamba, Zamba, Bamba,
+# GraniteMoeHybrid, MiniMax, LFM2, OLMo-Hybrid, Kimi-Linear, RecurrentGemma, Qwen3-Next) and
+# tests/test_hf_variants.py (the others). Gates: None, "qwen" (σ of q_proj's second half), "head" (σ(g_proj)
+# per head), "head_f32" (the same with the sigmoid in float32).
+_GATES: dict[str | None, tuple[Callable[[nn.Module, Recording], Tensor] | None, tuple[str, ...], str]] = {
+    None: (None, (), ""),
+    "qwen": (_qwen_gate, ("q_proj",), "; σ(gate) row scale"),
+    "head": (_head_gate(False), ("g_proj",), "; σ(g_proj) per-head row scale"),
+    "head_f32": (_head_gate(True), ("g_proj",), "; σ(g_proj) per-head row scale (sigmoid in float32)"),
 }
 
-for _model, _cls, _out, _gated in [
-    ("jamba", "JambaAttention", "o_proj", False),
-    ("zamba", "ZambaAttention", "o_proj", False),
-    ("zamba2", "Zamba2Attention", "o_proj", False),
-    ("bamba", "BambaAttention", "o_proj", False),
-    ("granitemoehybrid", "GraniteMoeHybridAttention", "o_proj", False),
-    ("falcon_h1", "FalconH1Attention", "o_proj", False),
-    ("nemotron_h", "NemotronHAttention", "o_proj", False),
-    ("minimax", "MiniMaxAttention", "o_proj", False),
-    ("lfm2", "Lfm2Attention", "out_proj", False),
-    ("lfm2_moe", "Lfm2MoeAttention", "out_proj", False),
-    ("olmo_hybrid", "OlmoHybridAttention", "o_proj", False),
-    ("kimi_linear", "KimiLinearAttention", "o_proj", False),
-    ("recurrent_gemma", "RecurrentGemmaAttention", "o_proj", False),
-    ("qwen3_next", "Qwen3NextAttention", "o_proj", True),
-    ("qwen3_5", "Qwen3_5Attention", "o_proj", True),
-    ("qwen3_5_moe", "Qwen3_5MoeAttention", "o_proj", True),
+for _model, _cls, _out, _gate in [
+    ("jamba", "JambaAttention", "o_proj", None),
+    ("zamba", "ZambaAttention", "o_proj", None),
+    ("zamba2", "Zamba2Attention", "o_proj", None),
+    ("bamba", "BambaAttention", "o_proj", None),
+    ("granitemoehybrid", "GraniteMoeHybridAttention", "o_proj", None),
+    ("falcon_h1", "FalconH1Attention", "o_proj", None),
+    ("nemotron_h", "NemotronHAttention", "o_proj", None),
+    ("minimax", "MiniMaxAttention", "o_proj", None),
+    ("lfm2", "Lfm2Attention", "out_proj", None),
+    ("lfm2_moe", "Lfm2MoeAttention", "out_proj", None),
+    ("lfm3", "Lfm3Attention", "o_proj", "head"),
+    ("olmo_hybrid", "OlmoHybridAttention", "o_proj", None),
+    ("kimi_linear", "KimiLinearAttention", "o_proj", None),
+    ("recurrent_gemma", "RecurrentGemmaAttention", "o_proj", None),
+    ("qwen3_next", "Qwen3NextAttention", "o_proj", "qwen"),
+    ("qwen3_5", "Qwen3_5Attention", "o_proj", "qwen"),
+    ("qwen3_5_moe", "Qwen3_5MoeAttention", "o_proj", "qwen"),
+    ("lara_mini", "LaraMiniAttention", "o_proj", None),
+    ("bailing_hybrid", "BailingHybridAttention", "o_proj", "head_f32"),
 ]:
+    _gate_fn, _gate_inputs, _gate_note = _GATES[_gate]
     register_adapter(
         Adapter(
             family="softmax",
-            cpu="yes" if _model in _TESTED else "registered; exactness not yet tested",
             padding="honoured (eager attention mask)",
             classes=(f"{_TF}.{_model}.modeling_{_model}.{_cls}",),
-            build=_builder(_qwen_gate if _gated else None),
+            build=_builder(_gate_fn),
             functions=(f"{_TF}.{_model}.modeling_{_model}.eager_attention_forward",),
-            submodule_inputs=("q_proj",) if _gated else (),
+            submodule_inputs=_gate_inputs,
             output_module=_out,
             prepare=_prepare,
-            notes="probabilities as eager attention gives them; values = V per head"
-            + ("; σ(gate) row scale" if _gated else ""),
+            notes="probabilities as eager attention gives them; values = V per head" + _gate_note,
         ),
         first=False,
     )

@@ -35,7 +35,9 @@ from torch import Tensor
 from ..core.attention import Channels, LayerAttention
 
 
-def decayed_products(a: Tensor, b: Tensor, cum: Tensor, strict: bool = False, chunk: int = 64) -> Tensor:
+def decayed_products(
+    a: Tensor, b: Tensor, cum: Tensor, strict: bool = False, chunk: int = 64, row_cum: Tensor | None = None
+) -> Tensor:
     """``out[..., t, s] = Σ_i a[t, i] · b[s, i] · exp(cum[t, i] − cum[s, i])`` below the diagonal.
 
     Parameters
@@ -50,23 +52,27 @@ def decayed_products(a: Tensor, b: Tensor, cum: Tensor, strict: bool = False, ch
         Row block size; columns left of a block are factorised through the pivot
         ``p = r0 − 1`` (``exp(cum_t − cum_p) · exp(cum_p − cum_s)``, both exponents ≤ 0), the
         block's own columns use the masked exponent.
+    row_cum : (..., L, dk) or (..., L, 1), optional
+        Cumulative log-decays on the row side, ``exp(row_cum[t] − cum[s])`` instead (RWKV-6:
+        ``row_cum[t] = cum[t − 1]``, with ``strict``); must satisfy ``row_cum[t] ≤ cum[s]`` wherever used.
 
     Returns
     -------
     (..., L, L), zero above the diagonal (and on it when ``strict``).
     """
     length = a.shape[-2]
+    rcum = cum if row_cum is None else row_cum
     out = a.new_zeros(*a.shape[:-2], length, length)
     keep = torch.ones(chunk, chunk, dtype=torch.bool, device=a.device).tril(-1 if strict else 0)
     for r0 in range(0, length, chunk):
         r1 = min(r0 + chunk, length)
         if r0 > 0:
             pivot = cum[..., r0 - 1 : r0, :]
-            left = a[..., r0:r1, :] * torch.exp(cum[..., r0:r1, :] - pivot)
+            left = a[..., r0:r1, :] * torch.exp(rcum[..., r0:r1, :] - pivot)
             right = b[..., :r0, :] * torch.exp(pivot - cum[..., :r0, :])
             out[..., r0:r1, :r0] = left @ right.transpose(-1, -2)
         n = r1 - r0
-        expo = cum[..., r0:r1, None, :] - cum[..., None, r0:r1, :]  # (..., n, n, dk)
+        expo = rcum[..., r0:r1, None, :] - cum[..., None, r0:r1, :]  # (..., n, n, dk)
         expo = expo.masked_fill(~keep[:n, :n, None], float("-inf"))
         out[..., r0:r1, r0:r1] = (a[..., r0:r1, None, :] * b[..., None, r0:r1, :] * torch.exp(expo)).sum(-1)
     return out

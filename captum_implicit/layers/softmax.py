@@ -8,6 +8,12 @@ model's eager attention computed them and ``V`` repeated over grouped query head
 ``gate`` is the optional output gate some models apply before the output projection
 (Qwen3-Next: ``σ(gate)``). Memory: the probabilities ``(b, H, L, L)`` the model already
 materialised; tiles are slices of them.
+
+Fully masked query rows (left-padding positions) are not causal in the model: eager attention
+gives them a uniform row over *all* keys, future ones included. ``A`` must be causal (tiles above
+the diagonal are never visited, so ``dense``/``aggregate`` would otherwise depend on the tile size and
+``output()`` would lose that mass once ``L`` exceeds a tile), so the part above the diagonal,
+``Σ_{s>t} P[t, s] v_s`` — non-zero only on such pad rows — is the layer's :attr:`offset` instead.
 """
 
 from __future__ import annotations
@@ -30,8 +36,20 @@ class SoftmaxAttention(LayerAttention):
         self, name: str, values: Tensor, probs: Tensor, row_scale: Tensor | None = None, module_type: str = ""
     ) -> None:
         super().__init__(name, values, row_scale=row_scale, module_type=module_type)
-        self.probs = probs
         self.head_dim_v = values.shape[1] // probs.shape[1]
+        future = probs.triu(1)
+        self.future: Tensor | None = None  # (b, C, L, 1): Σ_{s>t} P[t, s] v_s, only when some row has future mass
+        if bool(future.any()):
+            bsz, heads, length = probs.shape[:3]
+            v = values[..., 0].reshape(bsz, heads, self.head_dim_v, length)
+            self.future = torch.einsum("bhts,bhds->bhdt", future.to(self.dtype), v).reshape(bsz, -1, length)[..., None]
+            probs = probs.tril()
+        self.probs = probs
+
+    def _compute_offset(self) -> Tensor | None:
+        if self.future is None:
+            return None
+        return self.future if self.row_scale is None else self.future * self.row_scale.to(self.dtype)[..., None]
 
     def core_block(self, channels: Channels, rows: slice, cols: slice) -> Tensor:
         heads = torch.arange(self.num_channels, device=self.device)[channels] // self.head_dim_v
