@@ -92,6 +92,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--sizes", default="130m,1.4b,2.8b")
     p.add_argument("--lengths", default="1024,2048,4096,8192,16384,32768")
+    p.add_argument("--max-tokens-squared-channels", type=float, default=float("inf"),
+                   help="skip configurations with d_inner·L² above this (to fit a time box)")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     f32, tf32 = matmul_rate(False), matmul_rate(True)
@@ -105,11 +107,13 @@ def main() -> None:
     ]
     for size in a.sizes.split(","):
         for length in [int(x) for x in a.lengths.split(",")]:
+            if 2 * SIZES[size] * length**2 > a.max_tokens_squared_channels:
+                continue
             la = capture_layer(SIZES[size], length)
             grad = torch.randn_like(la.values)
             block = ssm_triton._block_for(la.cum, la.rate, la.conv_weight.shape[-1], length)
             t_grad, mem = timed(lambda: la.aggregate("positive_mean", grad=grad))
-            t_mean, _ = timed(lambda: la.aggregate("mean"))
+            t_mean = timed(lambda: la.aggregate("mean"))[0] if length <= 8192 else float("nan")
             flops = kernel_flops(la, block or 64)
             rate = flops / t_grad
             lines.append(
@@ -118,6 +122,9 @@ def main() -> None:
                 + ("" if block else " (torch path: exponent bound)")
             )
             print(lines[-1], flush=True)
+            if a.out:  # written as we go: a long run cut short keeps its rows
+                Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(a.out).write_text("\n".join(lines) + "\n")
             del la, grad
             torch.cuda.empty_cache()
     text = "\n".join(lines) + "\n"
