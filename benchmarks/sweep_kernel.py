@@ -39,7 +39,7 @@ def main() -> None:
     small = capture_layer(768, a.dense_length)
     with blockwise(triton=False):
         ref = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
-    for product, warps, block in itertools.product(["ieee", "tf32x3", "tf32"], [4], [64, 32]):
+    for product, warps, block in itertools.product(["tf32x3", "tf32"], [4, 8], [64, 128]):
         ssm_triton.PRODUCT, ssm_triton.NUM_WARPS, ssm_triton.BLOCK = product, warps, block
         t_agg = seconds(lambda: la.aggregate("positive_mean", grad=grad))
         t_dense = seconds(lambda: small.dense(), reps=2)

@@ -67,6 +67,21 @@ def available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _emit(acc, m, ptrs, mask, MODE: tl.constexpr):
+        """Dense mode: store the channel's tile; otherwise fold it into the channel reduction."""
+        if MODE == 0:
+            tl.store(ptrs, m, mask=mask)
+        elif MODE == 1:
+            acc += m
+        elif MODE == 2:
+            acc += tl.abs(m)
+        elif MODE == 3:
+            acc += tl.maximum(m, 0.0)
+        else:
+            acc = tl.maximum(acc, tl.abs(m))
+        return acc
+
+    @triton.jit
     def _ssm_kernel(
         out_ptr, tiles_ptr, q_ptr, k_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, head_ptr,
         skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
@@ -105,20 +120,30 @@ if triton is not None:
                 acc = tl.load(out_tile, mask=mask_ts, other=0.0)
             else:
                 acc = tl.zeros((BT, BS), dtype=tl.float32)
-            for lc in range(lc0, lc1):
-                c = c_base + lc
-                base_bc = (b * C + c) * L
-                base_q = (b * c_count + lc) * L
-                rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
-                cum_p = tl.load(cum_ptr + base_bc + pivot, mask=pivot >= 0, other=0.0)
-                q = tl.load(q_ptr + (base_q + offs_t[:, None]) * N_P + offs_n[None, :], mask=mask_t[:, None], other=0.0)
-                if far:
+            # far tiles (almost all) and the two next to the diagonal run separate branch-free loops, so the
+            # far loop's loads can be pipelined across channels
+            if far:
+                for lc in range(lc0, lc1):
+                    c = c_base + lc
+                    base_bc = (b * C + c) * L
+                    base_q = (b * c_count + lc) * L
+                    rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
+                    cum_p = tl.load(cum_ptr + base_bc + pivot, mask=pivot >= 0, other=0.0)
+                    q = tl.load(q_ptr + (base_q + offs_t[:, None]) * N_P + offs_n[None, :], mask=mask_t[:, None], other=0.0)
                     # K'[s] carries e^{a (cum_{col_pivot} - cum_{s+j})}; move its pivot to the row block's (≤ 1)
                     cum_q = tl.load(cum_ptr + base_bc + col_pivot)
                     shift = tl.exp((cum_p - cum_q).to(tl.float32) * rate)
                     kk = tl.load(k_ptr + (base_q + offs_s[:, None]) * N_P + offs_n[None, :], mask=mask_s[:, None], other=0.0)
                     m = tl.dot(q, tl.trans(kk * shift[None, :]), input_precision=PRODUCT)
-                else:
+                    acc = _emit(acc, m, out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :], mask_ts, MODE)
+            else:
+                for lc in range(lc0, lc1):
+                    c = c_base + lc
+                    base_bc = (b * C + c) * L
+                    base_q = (b * c_count + lc) * L
+                    rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
+                    cum_p = tl.load(cum_ptr + base_bc + pivot, mask=pivot >= 0, other=0.0)
+                    q = tl.load(q_ptr + (base_q + offs_t[:, None]) * N_P + offs_n[None, :], mask=mask_t[:, None], other=0.0)
                     h = tl.load(head_ptr + c)
                     base_bh = (b * H + h) * L
                     m = tl.zeros((BT, BS), dtype=tl.float32)
@@ -150,17 +175,7 @@ if triton is not None:
                             m += tl.where(s_j[None, :] == offs_t[:, None], d_row[:, None] * col[None, :], 0.0)
                     if HAS_RSC:
                         m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
-                if MODE == 0:
-                    ptrs = out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
-                    tl.store(ptrs, m, mask=mask_ts)
-                elif MODE == 1:
-                    acc += m
-                elif MODE == 2:
-                    acc += tl.abs(m)
-                elif MODE == 3:
-                    acc += tl.maximum(m, 0.0)
-                else:
-                    acc = tl.maximum(acc, tl.abs(m))
+                    acc = _emit(acc, m, out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :], mask_ts, MODE)
             if MODE != 0:
                 tl.store(out_tile, acc, mask=mask_ts)
 
