@@ -321,3 +321,43 @@ def test_zoo_classifier_relevance_sums_to_logit(name):
     assert torch.equal(f.detach(), ref[:, 1])
     assert torch.allclose(R, (emb * grads[0]).sum(-1), rtol=0, atol=1e-12)
     assert abs(float((R.sum() + absorbed - f.detach().sum()) / f.detach().abs().sum())) <= CONSERVE
+
+
+# ----------------------------------------------------------------------------- Captum class on the causal LMs
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_gated_linear_lrp_on_causal_lm(family):
+    model = BUILD[family](seed=5)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    R, delta = GatedLinearLRP(model).attribute(ids, target=[2, 9], return_convergence_delta=True)
+    R_ref, f, _ = relevance(model, ids, torch.tensor([2, 9]))
+    assert R.shape == (2, 7) and torch.allclose(R, R_ref, rtol=0, atol=1e-13)
+    # Mamba2's delta includes HF's float32 cast of the logits; RWKV and RecurrentGemma return float64 logits
+    bound = 1e-6 if family == "mamba2" else CONSERVE
+    assert float((delta.abs() / f.abs()).max()) <= bound
+
+
+# ----------------------------------------------------------------------------- one instance, several calls
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_module_called_twice_in_one_forward(family):
+    """The last layer used at two depths gives the relevance of two weight-sharing copies (and conserves)."""
+    import copy
+
+    shared = BUILD[family](seed=6, layers=2)
+    copies = copy.deepcopy(shared)
+    layers = {"mamba2": "backbone.layers", "rwkv": "rwkv.blocks", "recurrent_gemma": "model.layers"}[family]
+    owner_s, owner_c = (m.get_submodule(layers.rsplit(".", 1)[0]) for m in (shared, copies))
+    name = layers.rsplit(".", 1)[1]
+    last = getattr(owner_s, name)[-1]
+    setattr(owner_s, name, nn.ModuleList([*getattr(owner_s, name), last]))
+    last_c = getattr(owner_c, name)[-1]
+    setattr(owner_c, name, nn.ModuleList([*getattr(owner_c, name), copy.deepcopy(last_c)]))
+    if family == "recurrent_gemma":  # HF reads the block types per layer index from the config
+        for m in (shared, copies):
+            m.config.num_hidden_layers = 3
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    target = torch.tensor([0, 5])
+    R_shared, f_shared, _ = relevance(shared, ids, target)
+    R_copies, f_copies, _ = relevance(copies, ids, target)
+    assert torch.equal(f_shared, f_copies)
+    assert torch.allclose(R_shared, R_copies, rtol=0, atol=1e-12 * float(R_copies.abs().max()))
+    assert rel_conservation(R_shared, f_shared) <= CONSERVE
