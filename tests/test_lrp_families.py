@@ -34,6 +34,7 @@ from captum_implicit.lrp import (  # noqa: E402
 )
 from captum_implicit.lrp.canonizers import find_lrp_form  # noqa: E402
 
+from conftest import rel_err, requires_cuda  # noqa: E402
 from test_lrp import assert_restored, model_state  # noqa: E402
 
 CONSERVE = 1e-8  # relative, float64, biases zero
@@ -361,3 +362,20 @@ def test_module_called_twice_in_one_forward(family):
     assert torch.equal(f_shared, f_copies)
     assert torch.allclose(R_shared, R_copies, rtol=0, atol=1e-12 * float(R_copies.abs().max()))
     assert rel_conservation(R_shared, f_shared) <= CONSERVE
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_gpu_canonized_model(family):
+    """On CUDA transformers may call fused kernels (mamba-ssm's Triton scan, RWKV's WKV kernel); the LRP forms run
+    the torch paths, so logits agree to float32 rounding and relevance conserves to float32 rounding."""
+    model = BUILD[family](seed=8, hidden=8, dtype=torch.float32).cuda()
+    ids = torch.randint(0, VOCAB, (2, 32), device="cuda")
+    ref = model(ids, use_cache=False).logits
+    with GatedLinearComposite().context(model):
+        out = model(ids, use_cache=False).logits
+    assert rel_err(out, ref) < 1e-4
+    R, f, _ = relevance(model, ids, torch.tensor([1, 2], device="cuda"))
+    assert rel_conservation(R.double(), f.double()) < 1e-4

@@ -16,8 +16,6 @@ sequence is refused.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
