@@ -7,8 +7,11 @@
   :class:`MambaLRPComposite` (``'mamba_lrp'``) in Zennit's composite registry;
 * :mod:`.attribution` — :class:`GatedLinearLRP`, the Captum attribution.
 
-Families: HF ``MambaMixer`` / ``MambaRMSNorm`` / ``MambaBlock`` (:mod:`.mamba`). A new family
-registers one :class:`LRPForm` per module class with :func:`register_lrp_form`.
+Families (one file each): HF Mamba (:mod:`.mamba`), Mamba2 (:mod:`.mamba2`), RWKV (:mod:`.rwkv`),
+RecurrentGemma / Griffin (:mod:`.recurrent_gemma`), and ``nn.LayerNorm`` (:mod:`.norms`). A new
+family registers one :class:`LRPForm` per module class with :func:`register_lrp_form` (built-ins:
+one file plus its name in ``canonizers.BUILTIN_FAMILIES``). Only the Zennit API shared by 0.5.1
+and 1.0 is used.
 """
 
 from .attribution import GatedLinearLRP

@@ -11,6 +11,7 @@ instances and other models are untouched, and it composes with Zennit's other ca
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -37,10 +38,14 @@ class GatedLinearRules:
         Stabiliser of the identity rule's division; ``0`` is exact (conserves to rounding),
         MambaLRP uses ``1e-6`` (sign-preserving), which loses ``~1e-6/|x|`` per activation.
     detach_ssm : bool
-        Stop-gradient on the data-dependent recurrence parameters (Ā, B̄, C and, through
-        them, Δ): the scan is linear in its input.
+        Stop-gradient on the data-dependent recurrence parameters (Mamba's Ā, B̄, C and Δ;
+        Mamba2's Δ, decays, B, C; RWKV's ``exp(k)``, decays and normaliser; RG-LRU's gates):
+        the recurrence is linear in its input.
     half_gate : bool
-        Uniform (half) rule on the gated output ``y ⊙ SiLU(z)``.
+        Uniform (half) rule on gated products (``y ⊙ SiLU(z)``, ``σ(r) ⊙ wkv``, ``x ⊙ GELU(y)``).
+    detach_softmax : bool
+        Softmax probabilities held constant (queries and keys detached; CP-LRP), so softmax
+        attention is linear in its values (RecurrentGemma's local attention).
     detach_norm : bool
         Stop-gradient on norm scales (RMSNorm ``rsqrt(mean x² + ε)``; the CP-LRP LN rule).
     exact_casts : bool
@@ -53,6 +58,7 @@ class GatedLinearRules:
     act_stabilizer: float = 0.0
     detach_ssm: bool = True
     half_gate: bool = True
+    detach_softmax: bool = True
     detach_norm: bool = True
     exact_casts: bool = True
 
@@ -109,10 +115,15 @@ def unregister_lrp_form(form: LRPForm) -> None:
     _FORMS.remove(form)
 
 
+#: Built-in family modules (``captum_implicit.lrp.<name>``), each registering its forms on import.
+#: Adding a family: one file with its forms and ``register_lrp_form`` calls, and one name here.
+BUILTIN_FAMILIES: tuple[str, ...] = ("mamba", "mamba2", "rwkv", "recurrent_gemma", "norms")
+
+
 def lrp_forms() -> list[LRPForm]:
     """All registered forms, built-ins loaded on first use."""
-    from . import mamba  # noqa: F401  (registers the built-in Mamba forms)
-
+    for name in BUILTIN_FAMILIES:
+        importlib.import_module(f"{__package__}.{name}")
     return list(_FORMS)
 
 

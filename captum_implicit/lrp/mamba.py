@@ -26,29 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .primitives import cast_rule, identity_rule, proportional, round_rule, stop_gradient, uniform_rule
+from .common import act, cast, mask_padding, round_to
+from .primitives import proportional, stop_gradient, uniform_rule
 
 _HF = "transformers.models.mamba.modeling_mamba"
-
-
-def _cast(x: Tensor, dtype: torch.dtype, rules: GatedLinearRules) -> Tensor:
-    return cast_rule(x, dtype) if rules.exact_casts else x.to(dtype)
-
-
-def _round(x: Tensor, dtype: torch.dtype, rules: GatedLinearRules) -> Tensor:
-    """A cast whose result the next operation promotes back to ``x.dtype`` (see :func:`round_rule`)."""
-    return round_rule(x, dtype) if rules.exact_casts else x.to(dtype)
-
-
-def _act(fn: Any, x: Tensor, rules: GatedLinearRules) -> Tensor:
-    return identity_rule(fn, x, rules.act_stabilizer) if rules.identity_act else fn(x)
-
-
-def _mask(h: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """transformers' ``apply_mask_to_padding_states``: ``h`` is ``(b, L, C)``."""
-    if attention_mask is None:
-        return h
-    return (h * attention_mask[:, :, None]).to(h.dtype)
 
 
 def selective_scan_lrp(
@@ -89,7 +70,7 @@ def selective_scan_lrp(
     write = dt[:, :, :, None] * B[:, None, :, :].float()  # B̄
     if rules.detach_ssm:
         decay, write, C = stop_gradient(decay), stop_gradient(write), stop_gradient(C)
-    inputs = write * _round(u, torch.float32, rules)[:, :, :, None]  # transformers' u.float()
+    inputs = write * round_to(u, torch.float32, rules)[:, :, :, None]  # transformers' u.float()
 
     state = torch.zeros(batch, channels, A.shape[-1], dtype=input_dtype, device=u.device)
     outputs = []
@@ -100,7 +81,7 @@ def selective_scan_lrp(
     if D is not None:
         y = y + u * D[None, :, None]
     if z is not None:
-        y = y * _act(F.silu, z, rules)
+        y = y * act(F.silu, z, rules)
         if rules.half_gate:
             y = uniform_rule(y, 2)
     return y, state
@@ -130,7 +111,7 @@ def mamba_mixer_lrp(
         )
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
 
-    hidden_states = _mask(hidden_states, attention_mask)
+    hidden_states = mask_padding(hidden_states, attention_mask)
     projected = module.in_proj(hidden_states).transpose(1, 2)
     x, gate = projected.chunk(2, dim=1)
     if cache is not None:
@@ -143,8 +124,8 @@ def mamba_mixer_lrp(
         pad = weight.shape[-1] - 1
         pre = F.conv1d(x.to(weight.dtype), weight, module.conv1d.bias, padding=pad, groups=x.shape[1])
     pre = pre[:, :, :seq_len]
-    u = _act(module.act, pre, rules).to(x.dtype)
-    u = _mask(u.transpose(1, 2), attention_mask)  # (b, L, C)
+    u = act(module.act, pre, rules).to(x.dtype)
+    u = mask_padding(u.transpose(1, 2), attention_mask)  # (b, L, C)
 
     time_step, B, C = torch.split(
         module.x_proj(u), [module.time_step_rank, module.ssm_state_size, module.ssm_state_size], dim=-1
@@ -183,7 +164,7 @@ def rms_norm_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tens
     elif rules.detach_norm:
         normed = (h * stop_gradient(scale)).to(input_dtype)
     else:
-        h = _cast(hidden_states, torch.float32, rules)
+        h = cast(hidden_states, torch.float32, rules)
         normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)).to(input_dtype)
     return module.weight * normed
 
@@ -200,11 +181,11 @@ def mamba_block_lrp(
     if cache is None:
         cache = kwargs.pop("cache_params", None)
     residual = hidden_states
-    hidden_states = module.norm(_cast(hidden_states, module.norm.weight.dtype, rules))
+    hidden_states = module.norm(cast(hidden_states, module.norm.weight.dtype, rules))
     out_dtype = hidden_states.dtype
     if module.residual_in_fp32:
         out_dtype = torch.promote_types(torch.float32, out_dtype)
-        residual = _round(residual, torch.float32, rules)
+        residual = round_to(residual, torch.float32, rules)
     hidden_states = module.mixer(hidden_states, cache=cache, attention_mask=attention_mask)
     out_dtype = torch.promote_types(out_dtype, hidden_states.dtype)
     return (residual + hidden_states).to(out_dtype)

@@ -1,0 +1,83 @@
+"""Helpers shared by the LRP forms of every family: rule switches, masks and exact float32 regions.
+
+Every form recomputes its module's forward with the module's own torch operations, so the
+forward value is the module's (bit for bit on CPU). Where a float64 model computes a region
+in float32 (HF's Mamba2 SSD scan and gated norm, RecurrentGemma's RG-LRU accumulation and
+RMSNorm), :func:`exact_region` runs the region twice: once as the model does (the value)
+and once in the model's dtype with the LRP rules (the relevance path), joined by
+:func:`~captum_implicit.lrp.primitives.proportional`. The float32 rounding of the region
+is then absorbed into the gradient and conservation holds to float64 rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .canonizers import GatedLinearRules
+from .primitives import cast_rule, identity_rule, proportional, round_rule, stop_gradient
+
+
+def cast(x: Tensor, dtype: torch.dtype, rules: GatedLinearRules) -> Tensor:
+    """``x.to(dtype)``; its rounding absorbed into the gradient when ``rules.exact_casts``."""
+    return cast_rule(x, dtype) if rules.exact_casts else x.to(dtype)
+
+
+def round_to(x: Tensor, dtype: torch.dtype, rules: GatedLinearRules) -> Tensor:
+    """A cast whose result the next operation promotes back to ``x.dtype`` (see :func:`round_rule`)."""
+    return round_rule(x, dtype) if rules.exact_casts else x.to(dtype)
+
+
+def act(fn: Any, x: Tensor, rules: GatedLinearRules) -> Tensor:
+    """Elementwise activation under the identity rule (``rules.identity_act``)."""
+    return identity_rule(fn, x, rules.act_stabilizer) if rules.identity_act else fn(x)
+
+
+def hold(x: Tensor, flag: bool) -> Tensor:
+    """Stop-gradient on ``x`` when the rule ``flag`` is on (a data-dependent coefficient)."""
+    return stop_gradient(x) if flag else x
+
+
+def mask_padding(h: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """transformers' ``apply_mask_to_padding_states``: ``h`` is ``(b, L, C)``, mask ``(b, L)``."""
+    if attention_mask is None:
+        return h
+    return (h * attention_mask[:, :, None]).to(h.dtype)
+
+
+def exact_region(
+    fn: Callable[[torch.dtype], Tensor], wide: torch.dtype, narrow: torch.dtype, rules: GatedLinearRules
+) -> Tensor:
+    """Run a region the model computes in ``narrow`` (float32) inside a ``wide`` (float64) model.
+
+    Parameters
+    ----------
+    fn : callable ``(compute_dtype) -> Tensor``
+        The region with the LRP rules applied; with ``compute_dtype = narrow`` it must give the
+        model's own value bit for bit.
+    wide, narrow : torch.dtype
+        The model's dtype and the dtype the model computes the region in.
+
+    Returns
+    -------
+    Tensor
+        The model's value (``fn(narrow)``, in ``fn(wide)``'s dtype) whose gradient flows into
+        ``fn(wide)`` scaled by ``value / fn(wide)`` (:func:`proportional`): the region's
+        rounding is absorbed and the relevance keeps float64 precision. Without
+        ``rules.exact_casts`` (or when ``wide`` is not wider) ``fn(narrow)`` with plain gradients.
+
+    Notes
+    -----
+    The ratio is ``1 + O(float32 ε)`` except where the region's output nearly cancels
+    (``|value| ≲ ε·|terms|``); there it rescales that entry's decomposition, always summing
+    to the entry's own relevance.
+    """
+    if not (rules.exact_casts and wide.is_floating_point and torch.finfo(wide).bits > torch.finfo(narrow).bits):
+        return fn(narrow)
+    with torch.no_grad():
+        value = fn(narrow)
+    relevance = fn(wide)
+    return proportional(relevance, value.to(relevance.dtype))

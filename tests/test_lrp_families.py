@@ -1,0 +1,381 @@
+"""LRP (captum_implicit.lrp) on HF Mamba2, RWKV and RecurrentGemma: tiny random float64 models.
+
+Target logit: HF's Mamba2ForCausalLM casts its logits to float32 (``.float()``), so the exact float64 target is
+the ``lm_head`` output (recorded with a hook); RWKV and RecurrentGemma return float64 logits (RecurrentGemma's
+after the soft cap, which its LRP form treats with the identity rule).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+pytest.importorskip("zennit")
+transformers = pytest.importorskip("transformers")
+from transformers import (  # noqa: E402
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    RecurrentGemmaConfig,
+    RecurrentGemmaForCausalLM,
+    RwkvConfig,
+    RwkvForCausalLM,
+)
+
+from captum_implicit.lrp import (  # noqa: E402
+    GatedLinearComposite,
+    GatedLinearLRP,
+    GatedLinearRules,
+    LRPError,
+    is_canonized,
+    lrp_forms,
+)
+from captum_implicit.lrp.canonizers import find_lrp_form  # noqa: E402
+
+from conftest import rel_err, requires_cuda  # noqa: E402
+from test_lrp import assert_restored, model_state  # noqa: E402
+
+CONSERVE = 1e-8  # relative, float64, biases zero
+VOCAB = 24
+# three families share the CI's 2 cores: at most this many examples per family (fewer if the profile says so)
+EXAMPLES = min(settings().max_examples, 8)
+
+
+# ----------------------------------------------------------------------------- tiny models
+def _spread(model: nn.Module, zero_biases: bool) -> None:
+    """Spread the weights so that no branch is negligible; zero (or randomise) every additive bias."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf == "bias":
+                p.zero_() if zero_biases else p.normal_(0, 0.3)
+            elif leaf in ("A_log", "time_decay"):
+                p.add_(torch.randn_like(p) * 0.3)
+            elif leaf in ("D", "time_first", "recurrent_param"):
+                p.normal_(0, 1)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.5)
+            elif "norm" in name or name.endswith("ln_out.weight") or ".ln" in name or "pre_ln" in name:
+                p.normal_(1 if "recurrent_gemma" not in type(model).__module__ else 0, 0.3)
+
+
+def tiny_mamba2(seed=0, hidden=8, expand=2, head_dim=4, groups=1, state=4, layers=2, kernel=3, chunk=4,
+                residual_in_fp32=True, use_bias=False, zero_biases=True, dtype=torch.float64):
+    torch.manual_seed(seed)
+    heads = expand * hidden // head_dim
+    cfg = Mamba2Config(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, state_size=state,
+                       expand=expand, head_dim=head_dim, num_heads=heads, n_groups=groups, conv_kernel=kernel,
+                       chunk_size=chunk, use_bias=use_bias, use_conv_bias=use_bias,
+                       residual_in_fp32=residual_in_fp32, tie_word_embeddings=False)
+    model = Mamba2ForCausalLM(cfg).to(dtype).eval()
+    _spread(model, zero_biases)
+    return model
+
+
+def tiny_rwkv(seed=0, hidden=8, attention=8, intermediate=16, layers=2, zero_biases=True, dtype=torch.float64,
+              **_):
+    torch.manual_seed(seed)
+    cfg = RwkvConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                     attention_hidden_size=attention, intermediate_size=intermediate, context_length=64,
+                     rescale_every=0, tie_word_embeddings=False)
+    model = RwkvForCausalLM(cfg).to(dtype).eval()
+    _spread(model, zero_biases)
+    return model
+
+
+def tiny_rg(seed=0, hidden=8, heads=2, layers=3, kernel=3, window=6, blocks=("recurrent", "attention"), cap=3.0,
+            zero_biases=True, dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    cfg = RecurrentGemmaConfig(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers,
+                               intermediate_size=2 * hidden, num_attention_heads=heads, num_key_value_heads=1,
+                               head_dim=hidden // heads, lru_width=hidden, conv1d_width=kernel,
+                               attention_window_size=window, block_types=list(blocks), logits_soft_cap=cap,
+                               tie_word_embeddings=False)
+    model = RecurrentGemmaForCausalLM(cfg).to(dtype).eval()
+    _spread(model, zero_biases)
+    return model
+
+
+BUILD = {"mamba2": tiny_mamba2, "rwkv": tiny_rwkv, "recurrent_gemma": tiny_rg}
+MASKED = {"mamba2", "recurrent_gemma"}  # forwards that take attention_mask (HF RWKV ignores it)
+
+
+def relevance(model, ids, target, composite=None, mask=None, with_biases=False):
+    """(R per token (B, L), float64 target logit (B,), relevance absorbed by the biases (B,)) in one backward."""
+    composite = composite if composite is not None else GatedLinearComposite()
+    head = model.get_output_embeddings()
+    rec = {}
+    handle = head.register_forward_hook(lambda m, a, o: rec.__setitem__("z", o))
+    biases = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"] if with_biases else []
+    try:
+        with composite.context(model):
+            emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+            kw = {"attention_mask": mask} if mask is not None else {}
+            logits = model(inputs_embeds=emb, use_cache=False, **kw).logits
+            logits = logits if logits.dtype == torch.float64 else rec["z"]  # Mamba2: before HF's .float()
+            f = logits[:, -1].gather(1, target[:, None])[:, 0]
+            grads = torch.autograd.grad(f.sum(), [emb, *biases], allow_unused=True)
+    finally:
+        handle.remove()
+    absorbed = sum((b.detach() * g).sum() for b, g in zip(biases, grads[1:]) if g is not None)
+    return (emb * grads[0]).sum(-1).detach(), f.detach(), absorbed
+
+
+def rel_conservation(R, f) -> float:
+    return float(((R.sum(-1) - f).abs() / f.abs().clamp_min(1e-300)).max())
+
+
+# ----------------------------------------------------------------------------- registry
+def test_every_family_class_has_a_form():
+    forms = lrp_forms()
+    assert {f.family for f in forms} >= {"mamba", "mamba2", "rwkv", "recurrent_gemma", "norm"}
+    for family, build in BUILD.items():
+        model = build()
+        expected = {"mamba2": ["Mamba2Mixer", "Mamba2RMSNorm", "Mamba2Block"],
+                    "rwkv": ["RwkvSelfAttention", "RwkvFeedForward", "LayerNorm"],
+                    "recurrent_gemma": ["RecurrentGemmaRglru", "RecurrentGemmaRecurrentBlock", "RecurrentGemmaMlp",
+                                        "RecurrentGemmaAttention", "RecurrentGemmaRMSNorm",
+                                        "RecurrentGemmaForCausalLM"]}[family]
+        found = {type(m).__name__ for m in model.modules() if find_lrp_form(m) is not None}
+        assert found >= set(expected), (family, found)
+
+
+# ----------------------------------------------------------------------------- values unchanged
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_canonized_logits_identical(family, dtype):
+    model = BUILD[family](seed=1, dtype=dtype, zero_biases=False, use_bias=True)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    kw = {}
+    if family in MASKED:
+        kw["attention_mask"] = torch.ones(2, 9, dtype=torch.long)
+        kw["attention_mask"][1, :3] = 0
+    ref = model(ids, use_cache=False, **kw).logits
+    with GatedLinearComposite().context(model):
+        assert any(is_canonized(m) for m in model.modules())
+        out = model(ids, use_cache=False, **kw).logits
+        out_cache = model(ids, use_cache=True, **kw).logits  # a fresh cache is filled as HF fills it
+    assert torch.equal(out, ref) and torch.equal(out_cache, model(ids, use_cache=True, **kw).logits)
+
+
+# ----------------------------------------------------------------------------- conservation
+CONFIGS = {
+    "mamba2": st.fixed_dictionaries({
+        "seed": st.integers(0, 2**16), "hidden": st.sampled_from([4, 8]), "expand": st.sampled_from([1, 2]),
+        "head_dim": st.sampled_from([2, 4]), "groups": st.sampled_from([1, 2]), "state": st.sampled_from([1, 3]),
+        "layers": st.integers(1, 2), "kernel": st.sampled_from([2, 4]), "chunk": st.sampled_from([3, 4, 16]),
+        "residual_in_fp32": st.booleans(), "use_bias": st.booleans(),
+    }),
+    "rwkv": st.fixed_dictionaries({
+        "seed": st.integers(0, 2**16), "hidden": st.sampled_from([4, 8]), "attention": st.sampled_from([4, 8]),
+        "intermediate": st.sampled_from([4, 16]), "layers": st.just(2),  # HF RWKV's init divides by layers - 1
+    }),
+    "recurrent_gemma": st.fixed_dictionaries({
+        "seed": st.integers(0, 2**16), "hidden": st.sampled_from([4, 8]), "heads": st.sampled_from([1, 2]),
+        "layers": st.integers(1, 3), "kernel": st.sampled_from([2, 4]), "window": st.sampled_from([3, 32]),
+        "blocks": st.sampled_from([("recurrent",), ("recurrent", "attention"), ("attention", "recurrent")]),
+        "cap": st.sampled_from([3.0, 30.0]),
+    }),
+}
+
+
+@pytest.mark.parametrize("family", sorted(BUILD))
+@settings(max_examples=EXAMPLES)
+@given(length=st.integers(1, 14), batch=st.integers(1, 2), padded=st.booleans(), data=st.data())
+def test_conservation_exact(family, length, batch, padded, data):
+    cfg = data.draw(CONFIGS[family])
+    if family == "mamba2" and cfg["expand"] * cfg["hidden"] % (cfg["head_dim"] * cfg["groups"]):
+        cfg["groups"] = 1
+    model = BUILD[family](**cfg)
+    ids = torch.randint(0, VOCAB, (batch, length))
+    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
+    mask = None
+    if padded and family in MASKED:
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, : data.draw(st.integers(0, length - 1))] = 0  # left padding
+    R, f, _ = relevance(model, ids, target, mask=mask)
+    assert R.shape == (batch, length)
+    assert rel_conservation(R, f) <= CONSERVE
+    if mask is not None and family == "mamba2":
+        assert torch.all(R[mask == 0] == 0)  # Mamba2 zeroes padded states: they carry nothing
+
+
+@pytest.mark.parametrize("family", sorted(BUILD))
+@settings(max_examples=max(EXAMPLES // 2, 1))
+@given(length=st.integers(1, 10), data=st.data())
+def test_bias_absorption_accounts_for_the_difference(family, length, data):
+    """With biases, Σ R(emb) + Σ_b b ⊙ grad_b = f (every additive bias absorbs its share, same backward)."""
+    cfg = {**data.draw(CONFIGS[family]), "zero_biases": False, "use_bias": True}
+    if family == "mamba2":
+        cfg["groups"] = 1
+    model = BUILD[family](**cfg)
+    ids = torch.randint(0, VOCAB, (1, length))
+    R, f, absorbed = relevance(model, ids, torch.tensor([3]), with_biases=True)
+    assert abs(float((R.sum() + absorbed - f.sum()) / f.sum())) <= CONSERVE
+    assert abs(float(absorbed / f.sum())) > 1e-6  # the biases (RWKV: LayerNorm biases only) do absorb relevance
+
+
+def test_conservation_float32():
+    """float32 models: conservation to float32 rounding (the model's own precision)."""
+    for family, build in BUILD.items():
+        model = build(seed=3, dtype=torch.float32)
+        ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+        R, f, _ = relevance(model, ids, torch.tensor([1, 2]))
+        assert rel_conservation(R.double(), f.double()) < 1e-4, family
+
+
+# ----------------------------------------------------------------------------- ablations
+ABLATIONS = {
+    # rule switched off -> conservation error must exceed this (each rule matters on these models)
+    ("mamba2", "identity_act"): 1e-3,
+    ("mamba2", "detach_ssm"): 1e-3,
+    ("mamba2", "half_gate"): 1e-3,
+    ("mamba2", "detach_norm"): 1e-3,
+    ("mamba2", "exact_casts"): CONSERVE,  # only float32 roundings (~1e-7) remain, still above the float64 bound
+    ("rwkv", "identity_act"): 1e-3,
+    ("rwkv", "detach_ssm"): 1e-3,
+    ("rwkv", "half_gate"): 1e-3,
+    ("rwkv", "detach_norm"): 1e-3,
+    ("recurrent_gemma", "identity_act"): 1e-3,
+    ("recurrent_gemma", "detach_ssm"): 1e-3,
+    ("recurrent_gemma", "half_gate"): 1e-3,
+    ("recurrent_gemma", "detach_norm"): 1e-3,
+    ("recurrent_gemma", "detach_softmax"): 1e-3,
+    ("recurrent_gemma", "exact_casts"): CONSERVE,
+}
+
+
+@pytest.mark.parametrize("family,rule", sorted(ABLATIONS))
+def test_ablation_breaks_conservation(family, rule):
+    model = BUILD[family](seed=0, layers=2)
+    ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([3, 7])
+    R, f, _ = relevance(model, ids, target)
+    assert rel_conservation(R, f) <= CONSERVE
+    R, f, _ = relevance(model, ids, target, GatedLinearComposite(GatedLinearRules().without(rule)))
+    assert rel_conservation(R, f) > ABLATIONS[family, rule]
+
+
+# ----------------------------------------------------------------------------- model left as it was
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_model_restored_after_with_and_on_exceptions(family):
+    model = BUILD[family](seed=4, zero_biases=False, use_bias=True)
+    model.train()
+    before = model_state(model)
+    ids = torch.randint(0, VOCAB, (1, 5))
+    comp = GatedLinearComposite()
+    with comp.context(model):
+        model(ids, use_cache=False).logits.sum().backward()
+    model.zero_grad(set_to_none=True)
+    assert_restored(model, before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with comp.context(model):
+            raise RuntimeError("boom")
+    assert_restored(model, before)
+    model.eval()
+    before = model_state(model)
+    with pytest.raises(Exception):
+        GatedLinearLRP(model, comp).attribute(ids, target=[1, 2, 3])  # wrong target length
+    assert_restored(model, before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_cached_continuation_refused(family):
+    model = BUILD[family](seed=2)
+    ids = torch.randint(0, VOCAB, (1, 6))
+    before = model_state(model)
+    if family == "recurrent_gemma":  # HF keeps Griffin's recurrent state on the modules, the cache holds attention
+        cache = transformers.DynamicCache(config=model.config)
+        model(ids, use_cache=True, cache=cache)
+        cont = dict(cache=cache, position_ids=torch.tensor([[6]]))
+    else:
+        out = model(ids, use_cache=True)
+        cont = dict(state=out.state) if family == "rwkv" else dict(cache=out.cache)
+    with pytest.raises(LRPError, match="cached state"):
+        with GatedLinearComposite().context(model):
+            model(ids[:, -1:], use_cache=True, **cont)
+    assert_restored(model, before)
+
+
+# ----------------------------------------------------------------------------- zoo classifiers
+@pytest.mark.parametrize("name", ["mamba2-rotten-tomatoes", "rwkv-rotten-tomatoes", "griffin-rotten-tomatoes"])
+def test_zoo_classifier_relevance_sums_to_logit(name):
+    """The bundled SequenceClassifiers in float64: Σ relevance + the biases' share = the target logit."""
+    from captum_implicit import zoo
+
+    model, tok = zoo.load(name)
+    model = model.double().eval()
+    enc = tok.pad([tok.encode("a gripping , funny and moving film"), tok.encode("dull")])
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    biases = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+    with torch.no_grad():
+        ref = model(ids, mask)
+    with GatedLinearComposite().context(model):
+        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
+        f = model(None, mask, inputs_embeds=emb)[:, 1]
+        grads = torch.autograd.grad(f.sum(), [emb, *biases], allow_unused=True)
+    absorbed = sum((b.detach() * g).sum() for b, g in zip(biases, grads[1:]) if g is not None)
+    R = GatedLinearLRP(model).attribute(ids, target=1, additional_forward_args=(mask,))
+    assert torch.equal(f.detach(), ref[:, 1])
+    assert torch.allclose(R, (emb * grads[0]).sum(-1), rtol=0, atol=1e-12)
+    assert abs(float((R.sum() + absorbed - f.detach().sum()) / f.detach().abs().sum())) <= CONSERVE
+
+
+# ----------------------------------------------------------------------------- Captum class on the causal LMs
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_gated_linear_lrp_on_causal_lm(family):
+    model = BUILD[family](seed=5)
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(5))
+    R, delta = GatedLinearLRP(model).attribute(ids, target=[2, 9], return_convergence_delta=True)
+    R_ref, f, _ = relevance(model, ids, torch.tensor([2, 9]))
+    assert R.shape == (2, 7) and torch.allclose(R, R_ref, rtol=0, atol=1e-13)
+    # Mamba2's delta includes HF's float32 cast of the logits; RWKV and RecurrentGemma return float64 logits
+    bound = 1e-6 if family == "mamba2" else CONSERVE
+    assert float((delta.abs() / f.abs()).max()) <= bound
+
+
+# ----------------------------------------------------------------------------- one instance, several calls
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_module_called_twice_in_one_forward(family):
+    """The last layer used at two depths gives the relevance of two weight-sharing copies (and conserves)."""
+    import copy
+
+    shared = BUILD[family](seed=6, layers=2)
+    copies = copy.deepcopy(shared)
+    layers = {"mamba2": "backbone.layers", "rwkv": "rwkv.blocks", "recurrent_gemma": "model.layers"}[family]
+    owner_s, owner_c = (m.get_submodule(layers.rsplit(".", 1)[0]) for m in (shared, copies))
+    name = layers.rsplit(".", 1)[1]
+    last = getattr(owner_s, name)[-1]
+    setattr(owner_s, name, nn.ModuleList([*getattr(owner_s, name), last]))
+    last_c = getattr(owner_c, name)[-1]
+    setattr(owner_c, name, nn.ModuleList([*getattr(owner_c, name), copy.deepcopy(last_c)]))
+    if family == "recurrent_gemma":  # HF reads the block types per layer index from the config
+        for m in (shared, copies):
+            m.config.num_hidden_layers = 3
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    target = torch.tensor([0, 5])
+    R_shared, f_shared, _ = relevance(shared, ids, target)
+    R_copies, f_copies, _ = relevance(copies, ids, target)
+    assert torch.equal(f_shared, f_copies)
+    assert torch.allclose(R_shared, R_copies, rtol=0, atol=1e-12 * float(R_copies.abs().max()))
+    assert rel_conservation(R_shared, f_shared) <= CONSERVE
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_gpu_canonized_model(family):
+    """On CUDA transformers may call fused kernels (mamba-ssm's Triton scan, RWKV's WKV kernel); the LRP forms run
+    the torch paths, so logits agree to float32 rounding and relevance conserves to float32 rounding."""
+    model = BUILD[family](seed=8, hidden=8, dtype=torch.float32).cuda()
+    ids = torch.randint(0, VOCAB, (2, 32), device="cuda")
+    ref = model(ids, use_cache=False).logits
+    with GatedLinearComposite().context(model):
+        out = model(ids, use_cache=False).logits
+    assert rel_err(out, ref) < 1e-4
+    R, f, _ = relevance(model, ids, torch.tensor([1, 2], device="cuda"))
+    assert rel_conservation(R.double(), f.double()) < 1e-4
