@@ -472,12 +472,12 @@ def test_gpu_canonized_model(dtype):
     """On CUDA transformers calls the fused kernels when installed; the LRP form runs the torch scan, so
     logits agree to the kernels' rounding and relevance conserves (exactly in float64)."""
     if dtype == torch.float64:
-        try:
-            import causal_conv1d  # noqa: F401
-        except ImportError:
-            pass
-        else:  # the model itself cannot run: the CUDA conv kernel HF binds has no float64
-            pytest.skip("causal-conv1d's CUDA kernel (bound by transformers) does not support float64")
+        import importlib.util
+
+        if any(importlib.util.find_spec(m) for m in ("causal_conv1d", "mamba_ssm")):
+            # the model itself cannot run: the CUDA kernels transformers binds (causal-conv1d's conv,
+            # mamba-ssm's selective scan) have no float64
+            pytest.skip("the CUDA kernels transformers binds (causal-conv1d / mamba-ssm) do not support float64")
     model = tiny_mamba(seed=8, hidden=16, layers=2, dtype=dtype).cuda()
     ids = torch.randint(0, 32, (2, 32), device="cuda")
     ref = model(ids, use_cache=False).logits

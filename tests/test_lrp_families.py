@@ -372,6 +372,9 @@ def test_gpu_canonized_model(family):
     """On CUDA transformers may call fused kernels (mamba-ssm's Triton scan, RWKV's WKV kernel); the LRP forms run
     the torch paths, so logits agree to float32 rounding and relevance conserves to float32 rounding."""
     model = BUILD[family](seed=8, hidden=8, dtype=torch.float32).cuda()
+    norms = [m for m in model.modules() if type(m).__name__ == "MambaRMSNormGated"]
+    if any(not hasattr(m, "group_size") for m in norms):
+        pytest.skip("this transformers' Mamba2 gated norm is refused by the LRP form (see lrp/mamba2.py)")
     ids = torch.randint(0, VOCAB, (2, 32), device="cuda")
     ref = model(ids, use_cache=False).logits
     with GatedLinearComposite().context(model):

@@ -113,6 +113,12 @@ def ssd_scan_lrp(
     return y[:, :length], final_state
 
 
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
 def gated_norm_lrp(
     norm: nn.Module, y: Tensor, gate: Tensor, compute_dtype: torch.dtype, rules: GatedLinearRules
 ) -> Tensor:
@@ -125,6 +131,13 @@ def gated_norm_lrp(
     if rules.half_gate:
         h = uniform_rule(h, 2)
     *prefix, last = h.shape
+    if not hasattr(norm, "group_size"):
+        # measured on transformers 5.17 (GPU machine): its Mamba2 torch path differs from the form below, which
+        # mirrors the grouped gated norm of newer releases (5.24); refuse rather than give relevance that is wrong
+        raise LRPError(
+            f"the Mamba2 LRP form needs a transformers release whose MambaRMSNormGated has `group_size` "
+            f"(tested: 5.24); this one ({_transformers_version()}) is not supported"
+        )
     groups = h.view(*prefix, last // norm.group_size, norm.group_size)
     scale = torch.rsqrt(groups.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
     groups = groups * hold(scale, rules.detach_norm)

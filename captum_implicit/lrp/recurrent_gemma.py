@@ -220,7 +220,12 @@ def rg_causal_lm_lrp(
 ) -> Any:
     """LRP form of ``RecurrentGemmaForCausalLM.forward``: identity rule on the logit soft cap."""
     from transformers.modeling_outputs import CausalLMOutput
-    from transformers.modeling_utils import slice_logits_to_keep
+
+    try:
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:  # transformers < 5.2x slices inline, as here
+        def slice_logits_to_keep(hidden: Tensor, keep: int | Tensor) -> Tensor:
+            return hidden[:, slice(-keep, None) if isinstance(keep, int) else keep, :]
 
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
