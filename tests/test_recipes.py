@@ -2,8 +2,8 @@
 
 A recipe file's blocks run in order in one namespace (later blocks use earlier names), in a temporary
 working directory. Blocks fenced as ```python gpu need CUDA and mamba-ssm: skipped without them.
-The examples run as subprocesses (``--smoke``), all started at once so that the two CI cores
-overlap their imports.
+The examples run as subprocesses (``--smoke``), all started when the module starts, so that they run
+on the second CI core while the recipes run in this process.
 """
 
 from __future__ import annotations
@@ -69,9 +69,10 @@ def test_recipe_runs(path, tmp_path, monkeypatch):
         exec(compile(code, str(path), "exec"), namespace)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def example_runs(tmp_path_factory):
-    """Start every example at once (each single-threaded); tests wait on their own process."""
+    """Start every example at once when this module starts (each single-threaded), so that they run
+    while the recipes run in this process; the example tests at the end wait on their own process."""
     procs = {}
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg",
            "OMP_NUM_THREADS": "1", "CAPTUM_IMPLICIT_SMOKE": "1"}
