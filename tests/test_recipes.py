@@ -1,4 +1,5 @@
-"""The docs cannot rot: every ```python block of docs/recipes/ runs, and every examples/*.py runs in smoke mode.
+"""The docs cannot rot: every ```python block of docs/recipes/ and README.md runs, and every examples/*.py runs in
+smoke mode.
 
 A recipe file's blocks run in order in one namespace (later blocks use earlier names), in a temporary
 working directory. Blocks fenced as ```python gpu need CUDA and mamba-ssm: skipped without them.
@@ -54,7 +55,10 @@ def test_recipes_and_examples_exist():
             assert python_blocks(path), f"{path.name} has no ```python block"
 
 
-@pytest.mark.parametrize("path", [p for p in RECIPES if p.stem != "README"], ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path", [p for p in RECIPES if p.stem != "README"] + [ROOT / "README.md"],
+    ids=lambda p: "README" if p.parent == ROOT else p.stem,
+)
 def test_recipe_runs(path, tmp_path, monkeypatch):
     blocks = python_blocks(path)
     gpu = _gpu_available()
