@@ -7,6 +7,8 @@ its predicted class, or ``target`` (a label name or index).
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -104,14 +106,27 @@ def _token_id(lm: LocalModel, token: str) -> int:
     return int(ids[0])
 
 
+def no_cache_forward(model: torch.nn.Module) -> Callable[[Tensor], object]:
+    """``ids -> model(ids)`` with ``use_cache=False`` where the forward takes it: a whole-sequence explanation
+    needs no cache, and HF RWKV's in-place cache update would block the backward of gradient methods."""
+    try:
+        takes_cache = "use_cache" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes_cache = False
+    if takes_cache:
+        return lambda ids: model(ids, use_cache=False)
+    return model
+
+
 def explain_text(lm: LocalModel, text: str, target: str | None, methods: list[str]) -> Explanation:
     """Run every method in ``methods`` (keys of :data:`METHODS`) on ``text``."""
     import captum_implicit as ci
 
     ids = encode(lm, text)
     model = lm.model
+    forward = no_cache_forward(model)
     with torch.no_grad():
-        logits = logits_of(model(ids)).float()
+        logits = logits_of(forward(ids)).float()
     scores = logits[0, -1] if lm.kind == "causal_lm" else logits[0]
     index, label = resolve_target(lm, target, scores)
     probability = float(scores.softmax(-1)[index])
@@ -119,17 +134,19 @@ def explain_text(lm: LocalModel, text: str, target: str | None, methods: list[st
     labels = {name: METHODS.get(name, name) for name in methods}
     for name in methods:
         if name == "attn_grad":
-            results[name] = ci.ImplicitAttnGrad(model).attribute(ids, target=index)[0]
+            results[name] = ci.ImplicitAttnGrad(forward, model=model).attribute(ids, target=index)[0]
         elif name == "uia":
-            results[name] = ci.ImplicitAttnGrad(model).attribute(ids, target=index, method="uia")[0]
+            results[name] = ci.ImplicitAttnGrad(forward, model=model).attribute(ids, target=index, method="uia")[0]
         elif name == "rollout":
-            results[name] = ci.ImplicitAttentionRollout(model).attribute(ids)[0]
+            results[name] = ci.ImplicitAttentionRollout(forward, model=model).attribute(ids)[0]
         elif name == "ig":
             results[name], base = _integrated_gradients(lm, ids, index)
             labels[name] = labels[name].format(baseline=base)
         else:
             raise InputError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    layers = ci.implicit_attention(model, ids)
+    with ci.Capture(model) as cap, torch.no_grad():
+        forward(ids)
+    layers = cap.layers
     maps = [(la.name, la.family, la.aggregate("abs_mean")[0].detach().cpu()) for la in layers]
     tokens = display_tokens(lm, ids[0])
     results = {k: v.detach().cpu() for k, v in results.items()}
@@ -140,11 +157,11 @@ def _integrated_gradients(lm: LocalModel, ids: Tensor, index: int) -> tuple[Tens
     """LayerIntegratedGradients on the embeddings; the baseline repeats the pad (else eos, unk, id 0) token."""
     from captum.attr import LayerIntegratedGradients
 
-    model = lm.model
+    run = no_cache_forward(lm.model)
     causal = lm.kind == "causal_lm"
 
     def forward(x: Tensor) -> Tensor:
-        out = logits_of(model(x))
+        out = logits_of(run(x))
         return out[:, -1] if causal else out
 
     tok = lm.tokenizer
