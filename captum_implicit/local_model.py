@@ -176,7 +176,9 @@ def _load_transformers(folder: Path, device: str, dtype: torch.dtype):
         classifier = any(a.endswith("ForSequenceClassification") for a in archs)
         auto = tf.AutoModelForSequenceClassification if classifier else tf.AutoModelForCausalLM
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
-            raise ModelLoadError(f"{str(folder)!r} has a config.json but no weights (*.safetensors or pytorch_model.bin)")
+            raise ModelLoadError(
+                f"{str(folder)!r} has a config.json but no weights (*.safetensors or pytorch_model.bin)"
+            )
         try:
             model = auto.from_pretrained(folder, local_files_only=True, dtype=dtype)
         except ValueError as e:  # the config's type has no causal-LM / classifier class

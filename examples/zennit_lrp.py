@@ -48,7 +48,8 @@ def main() -> None:
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
     one_hot = torch.nn.functional.one_hot(torch.tensor([target]), 100).double()
     results, logit = {}, 0.0
-    for name, composite in [("GatedLinearComposite", GatedLinearComposite()), ("MambaLRPComposite", MambaLRPComposite())]:
+    composites = [("GatedLinearComposite", GatedLinearComposite()), ("MambaLRPComposite", MambaLRPComposite())]
+    for name, composite in composites:
         with Gradient(LastLogits(model), composite) as attributor:
             logits, grad = attributor(embeds, attr_output=one_hot)
         relevance = (embeds * grad).sum(-1).detach()[0]           # (L,)

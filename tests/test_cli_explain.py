@@ -148,7 +148,8 @@ def _mamba_ssm_folder(tmp_path: Path) -> Path:
     [
         ("missing", r"model path '.*nowhere' does not exist"),
         ("empty", r"empty --text"),
-        ("llama", r"LlamaForCausalLM has no layer captum-implicit can explain; its module classes are .*LlamaAttention"),
+        ("llama", r"LlamaForCausalLM has no layer captum-implicit can explain; its module classes are "
+                  r".*LlamaAttention"),
         ("method", r"unknown --method magic; choose from attn_grad, rollout, uia, ig"),
         ("target", r"--target 'very good' is 2 tokens for this tokenizer"),
         ("no-tokenizer", r"no tokenizer could be loaded from"),

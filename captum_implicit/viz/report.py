@@ -17,7 +17,8 @@ import torch
 from .matrix import matrix_png
 from .text import html_heatmap
 
-_STYLE = """body{font-family:sans-serif;margin:2em} .tok{padding:2px 3px;margin:1px;border-radius:3px;display:inline-block}
+_STYLE = """body{font-family:sans-serif;margin:2em}
+.tok{padding:2px 3px;margin:1px;border-radius:3px;display:inline-block}
 .heatmap{margin:.6em 0} .method{font-size:.85em;color:#555} .matrices{display:flex;flex-wrap:wrap;gap:1em}
 img.matrix{max-width:420px}"""
 
