@@ -2,17 +2,16 @@
 
     captum-implicit demo                                 # explain a few sentences with a bundled model
     captum-implicit demo --model rwkv-rotten-tomatoes --text "a gorgeous, witty film" --out report
+    captum-implicit explain ./my-mamba --text "The capital of France is"   # your own model folder
     captum-implicit models                               # the bundled models
     captum-implicit supported                            # the supported layer classes
 
-Everything runs offline on the CPU.
+Everything runs offline, on the CPU (mamba-ssm checkpoints: on a CUDA GPU).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import html
 import os
 import sys
 from collections.abc import Sequence
@@ -64,41 +63,29 @@ def _explain(model, tokenizer, text: str):
     return tokens, words_only, target, probs, ours, ig, maps
 
 
-def _report(out: Path, model_name: str, results: list) -> Path:
-    from .viz import html_heatmap, matrix_png
+_DEMO_INTRO = (
+    "Red: evidence for the predicted class; blue: against (each row scaled by its largest |score|; the read-out "
+    "token &lt;cls&gt; is left out of the heatmaps). Matrices: channel-averaged |implicit attention| per layer."
+)
 
-    out.mkdir(parents=True, exist_ok=True)
-    sections = []
-    for k, (text, tokens, words, target, probs, ours, ig, maps) in enumerate(results):
-        imgs = []
-        for j, (name, family, mat) in enumerate(maps):
-            png = matrix_png(mat, tokens, title=f"{name} ({family}): mean |A| over channels")
-            (out / f"text{k}_layer{j}.png").write_bytes(png)
-            imgs.append(
-                f"<figure><img class='matrix' alt='{html.escape(name)}' "
-                f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
-                f"<figcaption>{html.escape(name)}</figcaption></figure>"
-            )
-        sections.append(
-            f"<section><h2>{html.escape(text)}</h2>"
-            f"<p>prediction: class {target} (p = {float(probs[target]):.3f})</p>"
-            + html_heatmap(tokens[words], ours[words], "ImplicitAttnGrad (implicit attention × gradient, rolled out)")
-            + html_heatmap(tokens[words], ig[words], "Captum IntegratedGradients (50 steps, neutral-token baseline)")
-            + "<div class='matrices'>"
-            + "".join(imgs)
-            + "</div></section>"
+
+def _report(out: Path, model_name: str, results: list) -> Path:
+    from .viz import ReportSection, write_report
+
+    sections = [
+        ReportSection(
+            text,
+            f"prediction: class {target} (p = {float(probs[target]):.3f})",
+            heatmaps=[
+                ("ImplicitAttnGrad (implicit attention × gradient, rolled out)", tokens[words], ours[words]),
+                ("Captum IntegratedGradients (50 steps, neutral-token baseline)", tokens[words], ig[words]),
+            ],
+            matrices=maps,
+            matrix_tokens=tokens,
         )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>captum-implicit: {html.escape(model_name)}</title>
-<style>body{{font-family:sans-serif;margin:2em}} .tok{{padding:2px 3px;margin:1px;border-radius:3px;display:inline-block}}
-.heatmap{{margin:.6em 0}} .method{{font-size:.85em;color:#555}} .matrices{{display:flex;flex-wrap:wrap;gap:1em}}
-img.matrix{{max-width:420px}}</style></head><body>
-<h1>captum-implicit — {html.escape(model_name)}</h1>
-<p>Red: evidence for the predicted class; blue: against (each row scaled by its largest |score|; the read-out
-token &lt;cls&gt; is left out of the heatmaps). Matrices: channel-averaged |implicit attention| per layer.</p>
-{''.join(sections)}</body></html>"""
-    path = out / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+        for text, tokens, words, target, probs, ours, ig, maps in results
+    ]
+    return write_report(out, model_name, _DEMO_INTRO, sections)
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -125,6 +112,47 @@ def demo(args: argparse.Namespace) -> int:
         print("  ImplicitAttnGrad      ", ansi_heatmap(tokens[words], ours[words]))
         print("  IntegratedGradients   ", ansi_heatmap(tokens[words], ig[words]))
     path = _report(Path(args.out), args.model, results)
+    print(f"\nHTML report: {path}")
+    return 0
+
+
+_EXPLAIN_INTRO = (
+    "Red: evidence for the explained target; blue: against (each row scaled by its largest |score|). "
+    "Matrices: channel-averaged |implicit attention| per layer (row: query token, column: source token)."
+)
+
+
+def explain_cmd(args: argparse.Namespace) -> int:
+    from .core.errors import InputError
+    from .explain import METHODS, explain_text
+    from .local_model import load_local
+    from .viz import ReportSection, ansi_heatmap, write_report
+
+    methods = [m.strip() for m in args.method.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise CLIError(f"unknown --method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
+    if not args.text.strip():  # before loading the model: a newcomer's typo should not cost a model load
+        raise CLIError("empty --text: give a text to explain")
+    try:
+        lm = load_local(args.path, tokenizer=args.tokenizer, device=args.device)
+        print(f"{args.path}: {type(lm.model).__name__} ({lm.source}, {lm.kind.replace('_', ' ')}), "
+              f"{len(lm.layers)} explained layers ({', '.join(sorted({c for _, c in lm.layers}))})")
+        ex = explain_text(lm, args.text, args.target, methods)
+    except InputError as e:
+        raise CLIError(str(e)) from e
+    print(f"\n{args.text!r} → {ex.caption}")
+    width = max(len(m) for m in methods)
+    for m in methods:
+        print(f"  {m:<{width}}  ", ansi_heatmap(ex.tokens, ex.scores[m]))
+    section = ReportSection(
+        args.text,
+        ex.caption,
+        heatmaps=[(ex.labels[m], ex.tokens, ex.scores[m]) for m in methods],
+        matrices=ex.maps,
+        matrix_tokens=ex.tokens,
+    )
+    path = write_report(Path(args.out), Path(args.path).name or str(args.path), _EXPLAIN_INTRO, [section])
     print(f"\nHTML report: {path}")
     return 0
 
@@ -216,6 +244,42 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--text", action="append", help="sentence to explain (repeatable); default: three examples")
     d.add_argument("--out", default="captum-implicit-report", help="folder for report.html and the PNGs")
     d.set_defaults(func=demo)
+    x = sub.add_parser(
+        "explain",
+        help="explain a text with your own model folder (HF transformers or mamba-ssm checkpoint)",
+        description="Loads a model saved on disk, offline, and explains one text: coloured per-token heatmaps\n"
+        "in the terminal and report.html with each layer's implicit-attention matrix. Nothing is downloaded.\n\n"
+        "PATH is one of\n"
+        "  * an HF transformers folder: config.json + *.safetensors + tokenizer files, as save_pretrained\n"
+        "    writes them. The head comes from config.architectures: *ForSequenceClassification is explained\n"
+        "    for a class, anything else is loaded as a causal LM and explained at its last position;\n"
+        "  * a mamba-ssm checkpoint folder: config.json + pytorch_model.bin, as MambaLMHeadModel.save_pretrained\n"
+        "    writes it. Needs mamba-ssm and a CUDA GPU, and a tokenizer (in the folder, or --tokenizer DIR).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  captum-implicit explain ./my-mamba --text \"The capital of France is\"\n"
+        "  captum-implicit explain ./my-mamba --text \"The capital of France is\" --target \" Paris\"\n"
+        "  captum-implicit explain ./my-classifier --text \"a witty film\" --method attn_grad,rollout\n"
+        "  captum-implicit explain ./mamba-130m --tokenizer ./gpt-neox-20b --text \"Hello\"   # mamba-ssm, GPU",
+    )
+    x.add_argument("path", help="folder with config.json and the weights")
+    x.add_argument("--text", required=True, help="the text to explain")
+    x.add_argument(
+        "--target",
+        help="what to explain. Causal LM: a token (string or id); default: the model's next-token prediction at "
+        "the last position (the arg-max of its logits there). Classifier: a label name or class index; default: "
+        "the predicted class",
+    )
+    x.add_argument(
+        "--method",
+        default="attn_grad,ig",
+        help="comma-separated: attn_grad (ImplicitAttnGrad), rollout (ImplicitAttentionRollout), uia (the "
+        "published UIA pipeline), ig (Captum LayerIntegratedGradients, 50 steps); default: attn_grad,ig",
+    )
+    x.add_argument("--tokenizer", help="folder with the tokenizer files (default: PATH)")
+    x.add_argument("--device", help="torch device (default: cpu; cuda for mamba-ssm checkpoints)")
+    x.add_argument("--out", default="captum-implicit-report", help="folder for report.html and the PNGs")
+    x.set_defaults(func=explain_cmd)
     e = sub.add_parser(
         "evaluate",
         help="faithfulness benchmark of the explanation methods on the bundled models",

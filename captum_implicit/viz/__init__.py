@@ -1,6 +1,7 @@
-"""Visualisation: token heatmaps for terminals and HTML, and implicit-attention matrices as images."""
+"""Visualisation: token heatmaps for terminals and HTML, implicit-attention matrices as images, HTML reports."""
 
 from .text import ansi_heatmap, html_heatmap
 from .matrix import matrix_png
+from .report import ReportSection, write_report
 
-__all__ = ["ansi_heatmap", "html_heatmap", "matrix_png"]
+__all__ = ["ReportSection", "ansi_heatmap", "html_heatmap", "matrix_png", "write_report"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 
 import torch
@@ -27,7 +28,8 @@ def matrix_png(matrix: torch.Tensor, tokens: Sequence[str] | None = None, title:
     ax.set_xlabel("key (source token)")
     ax.set_ylabel("query")
     if title:
-        ax.set_title(title, fontsize=9)
+        # wrapped to the figure width (11 characters per inch at this font size, with margin): long names stay visible
+        ax.set_title("\n".join(textwrap.wrap(title, max(20, int(11 * min(size, 12))))), fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
