@@ -110,7 +110,7 @@ class MambaAttention(LayerAttention):
 
     # ------------------------------------------------ fused kernel (CUDA, float32)
     def _kernel(self, mode: str, grad: Tensor | None) -> Tensor | None:
-        """The Triton kernel's result, or ``None`` where it does not apply (the torch path runs)."""
+        """The Triton kernel's result, or ``None`` where it does not apply (CPU, float64: the torch path runs)."""
         if not (config.triton and self.dtype == torch.float32 and ssm_triton.available(self.device)):
             return None
         lam, rho = self.row_scale, None

@@ -13,15 +13,15 @@ Per channel ``c`` (head ``h``) the matrix is, with ``T`` the causal depthwise co
     A[t, s] = row_t · Σ_j w_{K-1-j} · core[t, s+j] · col_{s+j}
     core[t, s'] = Σ_n C[t, n] · exp(a_n (cum_t − cum_{s'})) · B[s', n] · Δ_{s'}  +  D · [t = s']    (s' ≤ t)
 
-Every tile of a row block ``I`` (rows ``[I·BT, I·BT + BT)``) is factorised through the pivot
-``p = I·BT − 1`` (``cum_{−1} = 0``): ``Q[t, n] = C[t, n] e^{a_n (cum_t − cum_p)}`` (exponent ≤ 0) and
-``K_j[s, n] = B̄[s+j, n] e^{a_n (cum_p − cum_{s+j})}``. Left of the row block the exponent is ≤ 0 and the
-conv taps are summed into one ``K`` before one rank-``N`` product; in the two tiles that touch the row
-block (the diagonal and its left neighbour, whose conv halo reaches it) one product per tap is masked to
-``s + j ≤ t``. There ``e^{a_n (cum_p − cum_{s'})}`` can exceed 1, by at most ``e^{|a|·span}`` with
-``span`` the cumulative ``Δ`` over one row block and the halo; the launcher checks ``max |a| · span`` against
-:data:`MAX_EXPONENT` (float32 overflows at 88.7) and declines (the torch path then runs) otherwise.
-Differences of cumulative sums are taken in float64, the rest in float32 (``tl.dot`` in IEEE float32, no
+Tiles left of a row block ``I`` (rows ``[I·BT, I·BT + BT)``, pivot ``p = I·BT − 1``, ``cum_{−1} = 0``) are one
+rank-``N`` product of factors precomputed once per layer, each pivoted inside its own block so every
+exponent is ≤ 0: ``Q[t, n] = λ_t C[t, n] e^{a_n (cum_t − cum_p)}`` and
+``K'[s, n] = ρ_s Σ_j w_{K-1-j} col_{s+j} B̄[s+j, n] e^{a_n (cum_q − cum_{s+j})}`` (``q`` the last conv-halo
+position of ``s``'s block), joined by ``e^{a_n (cum_p − cum_q)} ≤ 1``. The two tiles touching the row block
+(the diagonal, and its left neighbour whose conv halo reaches it) are masked per tap, ``s + j ≤ t``; they
+use the row block's pivot when ``max |a| · (cum-span of a block and its halo)`` stays below
+:data:`MAX_EXPONENT` (float32 overflows at 88.7), and otherwise one exponential per entry and state
+(``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound. Differences of cumulative sums are taken in float64, the rest in float32 (``tl.dot`` in IEEE float32, no
 TF32), accumulation in float32.
 """
 
@@ -46,6 +46,8 @@ BLOCK = 64
 #: recovering float32 accuracy)
 PRODUCT = "tf32x3"
 NUM_WARPS = 4
+#: always use the per-entry form next to the diagonal (tests)
+FORCE_NEAR_EXACT = False
 #: elements of one precomputed factor tensor per launch (channels are processed in chunks of this size)
 FACTOR_ELEMENTS = 1 << 28
 #: programs to aim for when splitting the channel reduction into groups
@@ -82,14 +84,91 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _near_tile_pivoted(
+        q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
+        base_bc, base_bh, base_q, c, pivot, offs_t, offs_s, offs_n, mask_t, mask_n, L, N,
+        N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+        HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_COL: tl.constexpr, PRODUCT: tl.constexpr,
+    ):
+        """A tile touching the row block, through the row block's pivot (needs the exponent bound); λ included."""
+        rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
+        cum_p = tl.load(cum_ptr + base_bc + pivot, mask=pivot >= 0, other=0.0)
+        q = tl.load(q_ptr + (base_q + offs_t[:, None]) * N_P + offs_n[None, :], mask=mask_t[:, None], other=0.0)
+        m = tl.zeros((BT, BS), dtype=tl.float32)
+        if HAS_SKIP:
+            d = tl.load(skip_ptr + c)
+            if HAS_LSC:
+                d_row = d * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)
+            else:
+                d_row = d + tl.zeros((BT,), dtype=tl.float32)
+        for j in tl.static_range(K):
+            s_j = offs_s + j
+            m_j = s_j < L
+            cum_s = tl.load(cum_ptr + base_bc + s_j, mask=m_j, other=0.0)
+            ds = tl.where(m_j, (cum_p - cum_s).to(tl.float32), 0.0)
+            scale = tl.load(ws_ptr + base_bc + s_j, mask=m_j, other=0.0)
+            tap = tl.load(w_ptr + c * K + (K - 1 - j))
+            if HAS_COL:
+                col = tl.load(col_ptr + base_bc + s_j, mask=m_j, other=0.0) * tap
+            else:
+                col = tap + tl.zeros((BS,), dtype=tl.float32)
+            kj = tl.load(
+                write_ptr + (base_bh + s_j[:, None]) * N + offs_n[None, :],
+                mask=m_j[:, None] & mask_n[None, :], other=0.0,
+            )
+            kj = kj * tl.exp(ds[:, None] * rate[None, :]) * (scale * col)[:, None]
+            part = tl.dot(q, tl.trans(kj), input_precision=PRODUCT)
+            m += tl.where(s_j[None, :] <= offs_t[:, None], part, 0.0)
+            if HAS_SKIP:
+                m += tl.where(s_j[None, :] == offs_t[:, None], d_row[:, None] * col[None, :], 0.0)
+        return m
+
+    @triton.jit
+    def _near_tile_exact(
+        cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, col_ptr, w_ptr,
+        base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
+        N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
+        HAS_SKIP: tl.constexpr, HAS_COL: tl.constexpr,
+    ):
+        """A tile touching the row block with one exponential per entry and state (``e^{a (cum_t − cum_s)}``,
+        exponent ≤ 0 on the causal part): no bound needed, used when the pivoted form's bound fails; λ excluded."""
+        cum_t = tl.load(cum_ptr + base_bc + offs_t, mask=mask_t, other=0.0)
+        m = tl.zeros((BT, BS), dtype=tl.float32)
+        if HAS_SKIP:
+            d = tl.load(skip_ptr + c)
+        for j in tl.static_range(K):
+            s_j = offs_s + j
+            m_j = s_j < L
+            cum_s = tl.load(cum_ptr + base_bc + s_j, mask=m_j, other=0.0)
+            causal = (s_j[None, :] <= offs_t[:, None]) & m_j[None, :] & mask_t[:, None]
+            diff = tl.where(causal, (cum_t[:, None] - cum_s[None, :]).to(tl.float32), 0.0)
+            scale = tl.load(ws_ptr + base_bc + s_j, mask=m_j, other=0.0)
+            tap = tl.load(w_ptr + c * K + (K - 1 - j))
+            if HAS_COL:
+                col = tl.load(col_ptr + base_bc + s_j, mask=m_j, other=0.0) * tap
+            else:
+                col = tap + tl.zeros((BS,), dtype=tl.float32)
+            part = tl.zeros((BT, BS), dtype=tl.float32)
+            for n in tl.static_range(N_P):
+                has_n = n < N
+                rate_n = tl.load(rate_ptr + c * N + n, mask=has_n, other=0.0)
+                c_n = tl.load(read_ptr + (base_bh + offs_t) * N + n, mask=mask_t & has_n, other=0.0)
+                b_n = tl.load(write_ptr + (base_bh + s_j) * N + n, mask=m_j & has_n, other=0.0)
+                part += c_n[:, None] * tl.exp(diff * rate_n) * b_n[None, :]
+            m += tl.where(causal, part * (scale * col)[None, :], 0.0)
+            if HAS_SKIP:
+                m += tl.where(s_j[None, :] == offs_t[:, None], d * col[None, :], 0.0)
+        return m
+
+    @triton.jit
     def _ssm_kernel(
-        out_ptr, tiles_ptr, q_ptr, k_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, head_ptr,
+        out_ptr, tiles_ptr, q_ptr, k_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
         skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
         L, C, H, N, c_base, c_count, ch_per_prog,
         s_ob, s_oc, s_ot,  # out strides (batch, channel|group, row); columns contiguous
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
-        ACCUMULATE: tl.constexpr, PRODUCT: tl.constexpr,
+        ACCUMULATE: tl.constexpr, PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr,
     ):
         tile = tl.program_id(0)
         b = tl.program_id(1)
@@ -140,39 +219,23 @@ if triton is not None:
                 for lc in range(lc0, lc1):
                     c = c_base + lc
                     base_bc = (b * C + c) * L
-                    base_q = (b * c_count + lc) * L
-                    rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
-                    cum_p = tl.load(cum_ptr + base_bc + pivot, mask=pivot >= 0, other=0.0)
-                    q = tl.load(q_ptr + (base_q + offs_t[:, None]) * N_P + offs_n[None, :], mask=mask_t[:, None], other=0.0)
                     h = tl.load(head_ptr + c)
                     base_bh = (b * H + h) * L
-                    m = tl.zeros((BT, BS), dtype=tl.float32)
-                    if HAS_SKIP:
-                        d = tl.load(skip_ptr + c)
-                        if HAS_LSC:
-                            d_row = d * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)
-                        else:
-                            d_row = d + tl.zeros((BT,), dtype=tl.float32)
-                    for j in tl.static_range(K):
-                        s_j = offs_s + j
-                        m_j = s_j < L
-                        cum_s = tl.load(cum_ptr + base_bc + s_j, mask=m_j, other=0.0)
-                        ds = tl.where(m_j, (cum_p - cum_s).to(tl.float32), 0.0)
-                        scale = tl.load(ws_ptr + base_bc + s_j, mask=m_j, other=0.0)
-                        tap = tl.load(w_ptr + c * K + (K - 1 - j))
-                        if HAS_COL:
-                            col = tl.load(col_ptr + base_bc + s_j, mask=m_j, other=0.0) * tap
-                        else:
-                            col = tap + tl.zeros((BS,), dtype=tl.float32)
-                        kj = tl.load(
-                            write_ptr + (base_bh + s_j[:, None]) * N + offs_n[None, :],
-                            mask=m_j[:, None] & mask_n[None, :], other=0.0,
+                    if NEAR_EXACT:
+                        m = _near_tile_exact(
+                            cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, col_ptr, w_ptr,
+                            base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
+                            N_P, K, BT, BS, HAS_SKIP, HAS_COL,
                         )
-                        kj = kj * tl.exp(ds[:, None] * rate[None, :]) * (scale * col)[:, None]
-                        part = tl.dot(q, tl.trans(kj), input_precision=PRODUCT)
-                        m += tl.where(s_j[None, :] <= offs_t[:, None], part, 0.0)
-                        if HAS_SKIP:
-                            m += tl.where(s_j[None, :] == offs_t[:, None], d_row[:, None] * col[None, :], 0.0)
+                        if HAS_LSC:
+                            m = m * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)[:, None]
+                    else:
+                        base_q = (b * c_count + lc) * L
+                        m = _near_tile_pivoted(
+                            q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
+                            base_bc, base_bh, base_q, c, pivot, offs_t, offs_s, offs_n, mask_t, mask_n, L, N,
+                            N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL, PRODUCT,
+                        )
                     if HAS_RSC:
                         m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
                     acc = _emit(acc, m, out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :], mask_ts, MODE)
@@ -257,8 +320,8 @@ def ssm_kernel(
     col_scale: Tensor | None,
     col_values: Tensor | None,
     conv_weight: Tensor | None,
-) -> Tensor | None:
-    """Run the kernel; ``None`` when the factorisation's exponent bound does not hold (use the torch path).
+) -> Tensor:
+    """Run the kernel (any decay magnitudes: see the module docstring).
 
     Parameters
     ----------
@@ -281,9 +344,11 @@ def ssm_kernel(
     nheads, nstate = read.shape[1], read.shape[-1]
     device = cum.device
     taps = 1 if conv_weight is None else conv_weight.shape[-1]
+    # the pivoted form of the tiles next to the diagonal needs an exponent bound; without it they take one
+    # exponential per entry and state (exact, slower); tiles further left never need it
     block = _block_for(cum, rate, taps, length)
-    if block is None:
-        return None
+    near_exact = block is None
+    block = block or BLOCK
     f32 = torch.float32
 
     def prep(x: Tensor | None) -> Tensor | None:
@@ -320,14 +385,15 @@ def ssm_kernel(
         )
         grid = (tiles.shape[0], bsz, groups if not dense else count)
         _ssm_kernel[grid](
-            out, tiles, q, k, cum, rate, write, ws, head_of,
+            out, tiles, q, k, cum, rate, read, write, ws, head_of,
             skip if skip is not None else dummy, lsc if lsc is not None else dummy,
             rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
             length, nch, nheads, nstate, c0, count, per_prog if not dense else 1,
             out.stride(0), out.stride(1), out.stride(2),
             N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
             HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
-            HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT, num_warps=NUM_WARPS,
+            HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT, NEAR_EXACT=near_exact or FORCE_NEAR_EXACT,
+            num_warps=NUM_WARPS,
         )
         del q, k
     if dense:
