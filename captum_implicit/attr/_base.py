@@ -9,7 +9,7 @@ Examples of a batch never interact, so the summed backward equals per-example ba
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -152,6 +152,26 @@ class ImplicitAttributionMixin:
     def _format(self, relevance: Tensor, inputs: tuple[Tensor, ...], is_tuple: bool) -> Any:
         out = to_input_layout(relevance.detach(), inputs, self._sequence_layout)
         return _format_output(is_tuple, out)
+
+
+def layer_maps(
+    run: Run, start_layer: int, layer_map: Callable[[LayerAttention], Tensor]
+) -> Iterator[Tensor]:
+    """Every layer's ``(B, L, L)`` map from ``start_layer`` on, **last first**, padding columns zeroed.
+
+    ``layer_map`` turns one captured layer into its map (e.g. ``aggregate("abs_mean")``); a generator, so
+    one map is in memory at a time.
+    """
+    if not 0 <= start_layer < len(run.layers):  # checked now, not on the generator's first step
+        raise ValueError(f"start_layer={start_layer} out of range for {len(run.layers)} captured layers")
+
+    def maps() -> Iterator[Tensor]:
+        for attn in reversed(run.layers[start_layer:]):
+            mat = layer_map(attn)
+            cols = run.column_mask(attn)
+            yield mat if cols is None else mat * cols
+
+    return maps()
 
 
 def prepare(inputs: Any, additional_forward_args: Any) -> tuple[bool, tuple[Tensor, ...], tuple]:

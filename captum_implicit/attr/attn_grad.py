@@ -11,7 +11,9 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor, nn
 
-from ._base import ImplicitAttributionMixin, Run, prepare
+from ..core.attention import LayerAttention
+
+from ._base import ImplicitAttributionMixin, Run, layer_maps, prepare
 from ._rollout import rollout_row
 from ._utils import QueryType, one_hot_rows
 
@@ -126,21 +128,17 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
 
 def attn_grad_maps(run: Run, start_layer: int) -> Iterator[Tensor]:
     """``Ā_l`` (``(B, L, L)``, padding columns zeroed) for the layers from ``start_layer``, last first."""
-    for attn in reversed(run.layers[start_layer:]):
+
+    def attn_grad(attn: LayerAttention) -> Tensor:
         grad = attn.output_grad if attn.output_grad is not None else torch.zeros_like(attn.values)
-        mat = attn.aggregate("positive_mean", grad=grad)
-        cols = run.column_mask(attn)
-        yield mat if cols is None else mat * cols
+        return attn.aggregate("positive_mean", grad=grad)
+
+    return layer_maps(run, start_layer, attn_grad)
 
 
 def chefer_relevance(run: Run, start_layer: int, row_normalize: bool) -> Tensor:
     """Row ``q`` of ``Π (I + Ā_l)`` for every example, ``(B, L)``."""
-    _check_start(start_layer, len(run.layers))
+    maps = attn_grad_maps(run, start_layer)  # raises on a bad start_layer before any work
     ref = run.layers[0]
     start = one_hot_rows(run.queries, run.length, ref.dtype, ref.device)
-    return rollout_row(start, attn_grad_maps(run, start_layer), row_normalize)
-
-
-def _check_start(start_layer: int, count: int) -> None:
-    if not 0 <= start_layer < count:
-        raise ValueError(f"start_layer={start_layer} out of range for {count} captured layers")
+    return rollout_row(start, maps, row_normalize)

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from captum._utils.typing import TargetType, TensorOrTupleOfTensorsGeneric
 from captum.attr import Attribution
 from captum.log import log_usage
-from torch import Tensor, nn
+from torch import nn
 
-from ._base import ImplicitAttributionMixin, Run, prepare
+from ._base import ImplicitAttributionMixin, layer_maps, prepare
 from ._rollout import rollout_row
 from ._utils import QueryType, one_hot_rows
 
@@ -72,17 +72,10 @@ class ImplicitAttentionRollout(ImplicitAttributionMixin, Attribution):
         """
         is_tuple, inputs_t, afa = prepare(inputs, additional_forward_args)
         run = self._run(inputs_t, target, afa, query_position, grad_to="none")
-        if not 0 <= start_layer < len(run.layers):
-            raise ValueError(f"start_layer={start_layer} out of range for {len(run.layers)} captured layers")
+        maps = layer_maps(run, start_layer, lambda attn: attn.aggregate(reduce))
         with torch.no_grad():
             ref = run.layers[0]
             start = one_hot_rows(run.queries, run.length, ref.dtype, ref.device)
-            relevance = rollout_row(start, _maps(run, reduce, start_layer), row_normalize=True)
+            relevance = rollout_row(start, maps, row_normalize=True)
         return self._format(relevance, inputs_t, is_tuple)
 
-
-def _maps(run: Run, reduce: str, start_layer: int) -> Iterator[Tensor]:
-    for attn in reversed(run.layers[start_layer:]):
-        mat = attn.aggregate(reduce)
-        cols = run.column_mask(attn)
-        yield mat if cols is None else mat * cols
