@@ -75,11 +75,22 @@ def _fmt(mean: float, hw: float) -> str:
     return f"{mean:.{digits}f}" if math.isnan(hw) else f"{mean:.{digits}f} ± {hw:.{digits}f}"
 
 
-def markdown(summary: Sequence[Mapping[str, Any]], header: str = "") -> str:
-    """One Markdown table per task: methods as rows, metrics as columns (↑/↓ = better)."""
+def markdown(
+    summary: Sequence[Mapping[str, Any]], header: str = "",
+    not_applicable: Mapping[str, Mapping[str, str]] | None = None,
+) -> str:
+    """One Markdown table per task: methods as rows, metrics as columns (↑/↓ = better).
+
+    ``not_applicable[task][method]`` (a reason) adds an "n/a" line under the task's table.
+    """
     lines = [header.rstrip(), ""] if header else []
-    for task in dict.fromkeys(r["task"] for r in summary):
+    na = not_applicable or {}
+    for task in dict.fromkeys([*(r["task"] for r in summary), *na]):
         rows = [r for r in summary if r["task"] == task]
+        skipped = [f"- {m}: n/a (unsupported family) — {why}" for m, why in na.get(task, {}).items()]
+        if not rows:
+            lines += [f"## {task}", "", *skipped, ""]
+            continue
         present = [m for m in METRICS if any(r["metric"] == m.key for r in rows)]
         methods = list(dict.fromkeys(r["method"] for r in rows))
         cell = {(r["method"], r["metric"]): r for r in rows}
@@ -92,6 +103,8 @@ def markdown(summary: Sequence[Mapping[str, Any]], header: str = "") -> str:
             vals = [cell.get((meth, m.key)) for m in present]
             lines.append(f"| {meth} | " + " | ".join(_fmt(v["mean"], v["ci95"]) if v else "—" for v in vals) + " |")
         lines.append("")
+        if skipped:
+            lines += [*skipped, ""]
     lines.append(
         "Mean ± half-width of the Student-t 95 % interval over examples. GT P@k: k = number of relevant "
         "tokens. MPRT ρ: Spearman ρ of |R| with the original after cascading randomisation of all layers."
