@@ -128,6 +128,8 @@ def plot_flip_curves(curves: Mapping[str, FlipCurves], path: Path, title: str = 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for ax in axes.flat:  # 20 distinct colours: the full benchmark plots 13 methods
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for name, c in curves.items():
         x = c.fractions.numpy()
         for col, order in enumerate(("morf", "lerf")):
@@ -156,6 +158,7 @@ def plot_mprt(results: Mapping[str, MPRTResult], path: Path, title: str = "") ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     steps: list[str] = []
     for name, r in results.items():
         steps = r.steps
