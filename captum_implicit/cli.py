@@ -157,10 +157,22 @@ def explain_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+#: every method of the benchmark (those that do not apply to a model's family are reported n/a)
+ALL_METHODS = (
+    "random,saliency,input_x_gradient,integrated_gradients,feature_ablation,occlusion,kernel_shap,"
+    "implicit_attn_grad,implicit_attention_rollout,implicit_attention,uia,mamba_attr,gated_linear_lrp"
+)
+#: the quick default: without the perturbation baselines (each costs L to 500 forwards per example)
 DEFAULT_METHODS = (
     "random,saliency,input_x_gradient,integrated_gradients,implicit_attn_grad,implicit_attention_rollout,"
-    "implicit_attention,uia,mamba_attr"
+    "implicit_attention,uia,mamba_attr,gated_linear_lrp"
 )
+#: ``--full``: test examples per model, chosen so that the whole benchmark (8 models, every method, MPRT)
+#: runs in about 30 min on 2 CPU cores (measured; docs/evaluation.md)
+FULL_EXAMPLES = 32
+#: ``--full``: examples of the randomisation (MPRT) check per model (5 explanations each: KernelShap-500 on
+#: Mamba costs ~5 CPU-s per explanation)
+FULL_SANITY_EXAMPLES = 4
 
 
 def zoo_task(name: str, examples: int):
@@ -197,14 +209,24 @@ def evaluate_cmd(args: argparse.Namespace) -> int:
     from . import zoo
     from .eval import evaluate
 
+    from .eval import available_methods
+
+    if args.full:
+        if args.models or args.methods or args.examples is not None:
+            raise CLIError("--full fixes the models, methods and example count; drop --models/--methods/--examples")
+        args.methods, args.examples, args.sanity_examples = ALL_METHODS, FULL_EXAMPLES, FULL_SANITY_EXAMPLES
     names = args.models.split(",") if args.models else zoo.available()
     unknown = [n for n in names if n not in zoo.available()]
     if unknown:
         raise CLIError(f"unknown model(s) {', '.join(unknown)}; bundled models: {', '.join(zoo.available())}")
-    methods = {m: m for m in args.methods.split(",")}
-    tasks = [zoo_task(n, args.examples) for n in names]
+    methods = {m: m for m in (args.methods or DEFAULT_METHODS).split(",")}
+    bad = [m for m in methods if m not in available_methods()]
+    if bad:
+        raise CLIError(f"unknown method(s) {', '.join(bad)}; available: {', '.join(available_methods())}")
+    examples = args.examples if args.examples is not None else 200
+    tasks = [zoo_task(n, examples) for n in names]
     result = evaluate(
-        tasks, methods, args.out, seed=args.seed, sanity=not args.no_sanity,
+        tasks, methods, args.out, seed=args.seed, sanity=not args.no_sanity, sanity_examples=args.sanity_examples,
         command="captum-implicit " + " ".join(sys.argv[1:]) if args.command else None,
     )
     print(f"report: {Path(args.out) / 'results.md'}")
@@ -287,10 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
         "MPRT, for each method on each bundled model's test split; writes results.md/.csv, plots and run.json.",
     )
     e.add_argument("--models", default="", help="comma-separated bundled models (default: all)")
-    e.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated method names (captum_implicit.eval)")
-    e.add_argument("--examples", type=int, default=200, help="test examples per model")
+    e.add_argument("--methods", default="", help=f"comma-separated method names (default: {DEFAULT_METHODS}; "
+                   f"all: {ALL_METHODS})")
+    e.add_argument("--examples", type=int, default=None, help="test examples per model (default 200)")
+    e.add_argument("--full", action="store_true", help=f"the published benchmark: every bundled model, every method, "
+                   f"the first {FULL_EXAMPLES} test examples of each model")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--no-sanity", action="store_true", help="skip the model-randomisation sanity check")
+    e.add_argument("--sanity-examples", type=int, default=8, help="examples of the randomisation check per model")
     e.add_argument("--out", default="captum-implicit-evaluation")
     e.set_defaults(func=evaluate_cmd)
     sub.add_parser("models", help="list the bundled models").set_defaults(func=models)

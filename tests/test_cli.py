@@ -51,3 +51,10 @@ def test_evaluate_writes_a_report(tmp_path, capsys):
     assert "implicit_attn_grad" in table and "GT AUROC" in table
     assert (out / "results.csv").exists() and (out / "run.json").exists()
     assert main(["evaluate", "--models", "nope", "--out", str(out)]) == 2
+
+
+def test_evaluate_full_and_method_errors_are_clear(tmp_path, capsys):
+    assert main(["evaluate", "--full", "--models", "mamba-trigger", "--out", str(tmp_path)]) == 2
+    assert "--full fixes the models" in capsys.readouterr().err
+    assert main(["evaluate", "--models", "mamba-trigger", "--methods", "random,nope", "--out", str(tmp_path)]) == 2
+    assert "unknown method(s) nope" in capsys.readouterr().err

@@ -534,3 +534,102 @@ def test_runner_on_cuda_matches_cpu(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-9, abs=1e-9), k
+
+
+# ---------------------------------------------------------------- KernelShap solvers, LRP applicability
+
+
+def test_kernel_shap_sklearn_and_lstsq_solve_the_same_regression():
+    """Captum's default interpretable model (scikit-learn) and the built-in weighted least squares
+    fit the same coalitions (same seed) to the same coefficients, up to Captum's float32 cast."""
+    pytest.importorskip("sklearn")
+    model = BagOfWords()
+    tm = TokenModel(model)
+    ids, mask = random_batch(n=3, length=7)
+    target = tm(ids, mask).argmax(-1)
+    out = {}
+    for solver in ("sklearn", "lstsq"):
+        torch.manual_seed(0)
+        out[solver] = build_explainer(("kernel_shap", {"n_samples": 64, "solver": solver}), tm,
+                                      baseline_token_id=NEUTRAL)(ids, mask, target)
+    torch.testing.assert_close(out["sklearn"].double(), out["lstsq"].double(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out["sklearn"].double(), model.contributions(ids, mask, target), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="solver"):
+        build_explainer(("kernel_shap", {"solver": "nope"}), tm)
+
+
+def test_kernel_shap_without_sklearn_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # `import sklearn` now raises ImportError
+    with pytest.raises(ImportError, match=r"captum-implicit\[eval\].*solver='lstsq'"):
+        build_explainer("kernel_shap", TokenModel(BagOfWords()))
+
+
+def test_runner_reports_methods_that_do_not_apply_as_na(tmp_path):
+    """A method raising the library's UnsupportedModelError is "n/a" for that task; the run goes on."""
+    from captum_implicit.core.errors import UnsupportedModelError
+
+    def unsupported(tm_):
+        raise UnsupportedModelError("no such layers here")
+
+    def fails_when_called(tm_):
+        def explain(i, m, t):
+            raise UnsupportedModelError("found out at the first call")
+        return explain
+
+    data = [{"input_ids": [2, 3, 4, NEUTRAL]}, {"input_ids": [5, 6, NEUTRAL]}]
+    res = evaluate([Task("bow", BagOfWords(), dataset=data)],
+                   {"random": "random", "never": unsupported, "later": fails_when_called}, tmp_path,
+                   steps=2, sanity=False, progress=False)
+    na = res.meta["tasks"]["bow"]["not_applicable"]
+    assert set(na) == {"never", "later"} and "no such layers here" in na["never"]
+    assert {r["method"] for r in res.per_example} == {"random"}
+    md = (tmp_path / "results.md").read_text()
+    assert "- never: n/a (unsupported family)" in md and "| random |" in md
+    assert "n/a" in (tmp_path / "results.csv").read_text()
+
+
+# ---------------------------------------------------------------- CI smoke of the whole benchmark
+
+
+def _check_report(res, out, names):
+    """Every method has finite per-example numbers on every task, or an explicit n/a line."""
+    md = (out / "results.md").read_text()
+    for f in ("results.md", "results.csv", "per_example.csv", "run.json"):
+        assert (out / f).stat().st_size > 0, f
+    for task, info in res.meta["tasks"].items():
+        na = info["not_applicable"]
+        assert (out / f"flip_{task}.png").stat().st_size > 0 and (out / f"mprt_{task}.png").stat().st_size > 0
+        done = {r["method"] for r in res.per_example if r["task"] == task}
+        assert done | set(na) == set(names) and not done & set(na), task
+        rows = [r for r in res.per_example if r["task"] == task]
+        assert len(rows) == info["n_examples"] * len(done)
+        for r in rows:
+            for key in ("dAF_logit", "dAF_acc", "aopc_morf", "pert_pos", "eraser_comp", "eraser_suff", "seconds"):
+                assert math.isfinite(r[key]), (task, r["method"], key)
+        # ground truth is undefined on examples without a trigger (label 0): finite over the task
+        means = {(r["method"], r["metric"]): r["mean"] for r in res.summary if r["task"] == task}
+        for m in done:
+            assert math.isfinite(means[(m, "gt_auroc")]) and math.isfinite(means[(m, "gt_precision")]), (task, m)
+            assert (m, "mprt_rho") in means and f"| {m} |" in md
+        for m in na:
+            assert f"- {m}: n/a (unsupported family)" in md
+    return {t: set(info["not_applicable"]) for t, info in res.meta["tasks"].items()}
+
+
+def test_full_method_list_smoke_on_bundled_models(tmp_path):
+    """CI smoke of the benchmark: every method of ``--full`` on 3 examples of the (fast) Griffin trigger
+    model — LRP and MambaAttr must say n/a there, not crash — and the two Mamba-only methods on 2
+    examples of the Mamba trigger model, where they must give finite numbers."""
+    pytest.importorskip("sklearn")
+    from captum_implicit.cli import ALL_METHODS, zoo_task
+
+    names = ALL_METHODS.split(",")
+    methods = {m: m for m in names}
+    methods["kernel_shap"] = ("kernel_shap", {"n_samples": 24})  # the smoke checks plumbing, not stability
+    methods["integrated_gradients"] = ("integrated_gradients", {"n_steps": 8})
+    kw = dict(steps=4, sanity_examples=2, progress=False, command="smoke")
+    res = evaluate([zoo_task("griffin-trigger", 3)], methods, tmp_path / "all", **kw)
+    assert _check_report(res, tmp_path / "all", names) == {"griffin-trigger": {"mamba_attr", "gated_linear_lrp"}}
+    mamba_only = ["gated_linear_lrp", "mamba_attr"]
+    res = evaluate([zoo_task("mamba-trigger", 2)], {m: m for m in mamba_only}, tmp_path / "mamba", **kw)
+    assert _check_report(res, tmp_path / "mamba", mamba_only) == {"mamba-trigger": set()}

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from .model import TokenModel
@@ -213,20 +213,45 @@ def occlusion(tm: TokenModel, baseline_token_id: int | None = None, window: int 
     )
 
 
+def _require_sklearn() -> None:
+    try:
+        import sklearn  # noqa: F401
+    except ImportError as e:
+        raise ImportError(
+            "kernel_shap(solver='sklearn') fits Captum's default interpretable model "
+            "(scikit-learn's LinearRegression) and needs scikit-learn: `pip install captum-implicit[eval]`, "
+            "or pass solver='lstsq' for the built-in weighted least squares (same problem, no dependency)"
+        ) from e
+
+
+#: KernelShap coalitions per example; rank stability between two seeds measured in docs/evaluation.md
+KERNEL_SHAP_SAMPLES = 500
+
+
 def kernel_shap(
-    tm: TokenModel, n_samples: int = 200, baseline_token_id: int | None = None, perturbations_per_eval: int = 50,
-    **kw: Any,
+    tm: TokenModel, n_samples: int = KERNEL_SHAP_SAMPLES, baseline_token_id: int | None = None,
+    perturbations_per_eval: int = 50, solver: str = "sklearn", **kw: Any,
 ) -> Explainer:
-    """KernelShap with ``n_samples`` coalitions per example (default 200; 200–1000 are needed for
-    stable text explanations, evaluation.md §4), one feature per token, solved by
-    :class:`WeightedLeastSquares`. Sampling uses torch's global RNG: seed it (the runner does)."""
+    """KernelShap with ``n_samples`` coalitions per example, one feature per token.
+
+    ``solver="sklearn"`` (default) keeps Captum's own interpretable model, scikit-learn's
+    ``LinearRegression`` (the ``eval`` extra); ``"lstsq"`` uses :class:`WeightedLeastSquares`, the
+    same weighted regression solved in torch. Sampling uses torch's global RNG: seed it (the runner
+    does). The default ``n_samples`` was chosen by the seed-to-seed rank stability measured on the
+    bundled models (docs/evaluation.md); 200–1000 are needed for text (evaluation.md §4).
+    """
     from captum.attr import KernelShap
 
+    if solver not in ("sklearn", "lstsq"):
+        raise ValueError(f"solver must be 'sklearn' or 'lstsq', got {solver!r}")
+    if solver == "sklearn":
+        _require_sklearn()
     fn = embedding_explainer(
         KernelShap, tm, "group", baseline_token_id, n_samples=n_samples,
         perturbations_per_eval=perturbations_per_eval, **kw,
     )
-    fn.method.interpretable_model = _register_model_class()()  # type: ignore[attr-defined]
+    if solver == "lstsq":
+        fn.method.interpretable_model = _register_model_class()()  # type: ignore[attr-defined]
 
     def explain(input_ids: Tensor, attention_mask: Tensor, target: Tensor) -> Tensor:
         with warnings.catch_warnings():
@@ -236,3 +261,63 @@ def kernel_shap(
 
     explain.method = fn.method  # type: ignore[attr-defined]
     return explain
+
+
+# ---------------------------------------------------------------- LRP
+
+
+class _EmbedsForward(nn.Module):
+    """``forward(input_ids=None, attention_mask=None, inputs_embeds=None)`` → ``(B, C)`` read-out logits.
+
+    :class:`~captum_implicit.lrp.GatedLinearLRP` calls a module that takes ``inputs_embeds`` as
+    ``module(None, *additional_forward_args, inputs_embeds=...)`` and reads position ``-1`` of
+    per-position logits; this wrapper gives it the read-out at the last *real* token instead (right
+    padding), and contains the model so the composite finds its layers.
+    """
+
+    def __init__(self, tm: TokenModel) -> None:
+        super().__init__()
+        self.model = tm.model
+        self._tm = tm
+
+    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
+                inputs_embeds: Tensor | None = None) -> Tensor:
+        if inputs_embeds is None:
+            return self._tm.logits(input_ids, attention_mask)
+        return self._tm.logits_from_embeds(inputs_embeds, attention_mask)
+
+
+def lrp_unsupported_layers(model: nn.Module) -> list[str]:
+    """Names of the model's gated-linear layers (those a capture adapter recognises) that no LRP form
+    covers. Without a form such a layer would run its plain forward, and ``GatedLinearLRP`` would
+    silently return gradient × input instead of LRP."""
+    from ..core.registry import find_adapter
+    from ..lrp.canonizers import find_lrp_form
+
+    return [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if find_adapter(m) is not None and find_lrp_form(m) is None
+    ]
+
+
+def gated_linear_lrp(tm: TokenModel, composite: Any = None) -> Explainer:
+    """:class:`~captum_implicit.lrp.GatedLinearLRP` (default composite: exact gradient × input LRP).
+
+    Raises
+    ------
+    UnsupportedModelError
+        When a gated-linear layer of the model has no LRP form (the runner reports the method as
+        "n/a (unsupported family)" for that model).
+    """
+    from ..core.errors import UnsupportedModelError
+    from ..lrp import GatedLinearLRP
+
+    missing = lrp_unsupported_layers(tm.model)
+    if missing:
+        raise UnsupportedModelError(
+            f"no LRP form for {len(missing)} layer(s), e.g. {missing[0]}; GatedLinearLRP supports "
+            "the families with a registered LRPForm (captum_implicit.lrp.lrp_forms())"
+        )
+    lrp = GatedLinearLRP(_EmbedsForward(tm), composite=composite, embedding=tm.model.get_input_embeddings())
+    return attribution_explainer(lrp)

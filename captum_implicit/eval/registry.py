@@ -3,7 +3,7 @@
 The Captum baselines and the random baseline are registered here. Our own methods live in
 ``captum_implicit.attr`` / ``captum_implicit.lrp`` and are imported only when first built, so the
 evaluation works (and can be tested) before, and independently of, those modules. Each of ours is
-constructed as ``cls(IdsForward(model))`` — an ``nn.Module`` calling the model by keyword with
+constructed as ``cls(IdsForward(model))`` (LRP: see :func:`~.explainers.gated_linear_lrp`) — an ``nn.Module`` calling the model by keyword with
 ``(input_ids, attention_mask)`` — and called as
 ``attribute(input_ids, target=target, additional_forward_args=(attention_mask,), **options)``.
 """
@@ -77,6 +77,14 @@ def build_explainer(spec: MethodSpec, tm: TokenModel, **task_options: Any) -> Ex
     return factory(tm, **extra, **options)
 
 
+#: methods whose explainer raises this for a model report "n/a" for it instead of stopping the run
+def not_applicable_errors() -> tuple[type[BaseException], ...]:
+    """The library's error types meaning "this method does not apply to this model's layers"."""
+    from ..core.errors import UnsupportedModelError
+
+    return (UnsupportedModelError,)
+
+
 for _name, _factory in {
     "random": _random,
     "saliency": ex.saliency,
@@ -91,6 +99,6 @@ for _name, _factory in {
     "implicit_attention_rollout": lazy_attribution("captum_implicit.attr", "ImplicitAttentionRollout"),
     "implicit_attention": lazy_attribution("captum_implicit.attr", "ImplicitAttention"),
     "mamba_attr": lazy_attribution("captum_implicit.attr", "MambaAttr"),
-    "gated_linear_lrp": lazy_attribution("captum_implicit.lrp", "GatedLinearLRP"),
+    "gated_linear_lrp": ex.gated_linear_lrp,
 }.items():
     register_method(_name, _factory)

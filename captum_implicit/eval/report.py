@@ -75,11 +75,22 @@ def _fmt(mean: float, hw: float) -> str:
     return f"{mean:.{digits}f}" if math.isnan(hw) else f"{mean:.{digits}f} ± {hw:.{digits}f}"
 
 
-def markdown(summary: Sequence[Mapping[str, Any]], header: str = "") -> str:
-    """One Markdown table per task: methods as rows, metrics as columns (↑/↓ = better)."""
+def markdown(
+    summary: Sequence[Mapping[str, Any]], header: str = "",
+    not_applicable: Mapping[str, Mapping[str, str]] | None = None,
+) -> str:
+    """One Markdown table per task: methods as rows, metrics as columns (↑/↓ = better).
+
+    ``not_applicable[task][method]`` (a reason) adds an "n/a" line under the task's table.
+    """
     lines = [header.rstrip(), ""] if header else []
-    for task in dict.fromkeys(r["task"] for r in summary):
+    na = not_applicable or {}
+    for task in dict.fromkeys([*(r["task"] for r in summary), *na]):
         rows = [r for r in summary if r["task"] == task]
+        skipped = [f"- {m}: n/a (unsupported family) — {why}" for m, why in na.get(task, {}).items()]
+        if not rows:
+            lines += [f"## {task}", "", *skipped, ""]
+            continue
         present = [m for m in METRICS if any(r["metric"] == m.key for r in rows)]
         methods = list(dict.fromkeys(r["method"] for r in rows))
         cell = {(r["method"], r["metric"]): r for r in rows}
@@ -92,6 +103,8 @@ def markdown(summary: Sequence[Mapping[str, Any]], header: str = "") -> str:
             vals = [cell.get((meth, m.key)) for m in present]
             lines.append(f"| {meth} | " + " | ".join(_fmt(v["mean"], v["ci95"]) if v else "—" for v in vals) + " |")
         lines.append("")
+        if skipped:
+            lines += [*skipped, ""]
     lines.append(
         "Mean ± half-width of the Student-t 95 % interval over examples. GT P@k: k = number of relevant "
         "tokens. MPRT ρ: Spearman ρ of |R| with the original after cascading randomisation of all layers."
@@ -115,6 +128,8 @@ def plot_flip_curves(curves: Mapping[str, FlipCurves], path: Path, title: str = 
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for ax in axes.flat:  # 20 distinct colours: the full benchmark plots 13 methods
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for name, c in curves.items():
         x = c.fractions.numpy()
         for col, order in enumerate(("morf", "lerf")):
@@ -143,6 +158,7 @@ def plot_mprt(results: Mapping[str, MPRTResult], path: Path, title: str = "") ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)
     steps: list[str] = []
     for name, r in results.items():
         steps = r.steps

@@ -10,6 +10,10 @@
 * ``flip_<task>.png`` (flipping curves) and ``mprt_<task>.png`` (randomisation curves);
 * ``run.json`` — the exact command, seed, settings, replacement tokens and package versions.
 
+A method whose explainer raises the library's "not supported" error for a model (``UnsupportedModelError``:
+LRP on a family without an LRP form, MambaAttr on a model without Mamba layers) is reported as "n/a" for
+that task, with the reason, instead of stopping the run.
+
 Dataset items are dicts with ``input_ids`` (ints) or ``text`` (tokenised with the task's tokenizer),
 optionally ``label`` (int), and ``relevant_mask`` (one bool per token) or ``relevant_positions``
 (ints) for ground-truth tasks; or tuples ``(ids_or_text, label[, relevant_mask])``.
@@ -46,7 +50,7 @@ from .flipping import FlipCurves, area, delta_af, flipping_curves, perturbation_
 from .ground_truth import auroc, pointing_game, precision_at_k, relevance_mass
 from .model import TokenModel
 from .perturb import Replacement, flippable_mask
-from .registry import MethodSpec, build_explainer
+from .registry import MethodSpec, build_explainer, not_applicable_errors
 from .report import markdown, plot_flip_curves, plot_mprt, summarise, write_csv
 from .sanity import MPRTResult, mprt
 
@@ -348,6 +352,7 @@ def evaluate(
     -------
     EvaluationResult
     """
+    wall0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {
@@ -367,6 +372,7 @@ def evaluate(
     per_example: list[dict[str, Any]] = []
     all_curves: dict[str, dict[str, FlipCurves]] = {}
     all_mprt: dict[str, dict[str, MPRTResult]] = {}
+    not_applicable = not_applicable_errors()
     for raw in tasks:
         task = raw if isinstance(raw, Task) else Task(*raw)
         tm = TokenModel(task.model)
@@ -377,17 +383,28 @@ def evaluate(
             meta["tasks"][task.name] = info
             all_curves[task.name], all_mprt[task.name] = {}, {}
             rep = info["replacement"]
+            info["not_applicable"] = {}
             for name, spec in methods.items():
                 torch.manual_seed(seed)
                 gen = torch.Generator().manual_seed(seed)
-                explainer = build_explainer(
-                    spec, tm, baseline_token_id=rep if isinstance(rep, int) else None, seed=seed
-                )
-                parts = []
-                for bt in _progress(batches, f"{task.name} · {name}", len(batches), progress):
+                try:
+                    explainer = build_explainer(
+                        spec, tm, baseline_token_id=rep if isinstance(rep, int) else None, seed=seed
+                    )
                     t0 = time.perf_counter()
-                    attr = explainer(bt.ids, bt.mask, bt.target)
-                    seconds = time.perf_counter() - t0
+                    first = explainer(batches[0].ids, batches[0].mask, batches[0].target)
+                    first_seconds = time.perf_counter() - t0
+                except not_applicable as e:  # e.g. LRP or MambaAttr on a family they do not cover
+                    info["not_applicable"][name] = f"{type(e).__name__}: {e}"
+                    continue
+                parts = []
+                for bi, bt in enumerate(_progress(batches, f"{task.name} · {name}", len(batches), progress)):
+                    if bi == 0:  # computed above, where a method that does not apply is detected
+                        attr, seconds = first, first_seconds
+                    else:
+                        t0 = time.perf_counter()
+                        attr = explainer(bt.ids, bt.mask, bt.target)
+                        seconds = time.perf_counter() - t0
                     attr = attr.detach().cpu().double()
                     if attr.shape != bt.ids.shape:
                         raise ValueError(
@@ -413,6 +430,7 @@ def evaluate(
                         rows[i]["mprt_rho"] = rho
         finally:
             task.model.train(was_training)
+    meta["wall_seconds"] = round(time.perf_counter() - wall0, 1)
     return _write(out, meta, per_example, all_curves, all_mprt)
 
 
@@ -446,9 +464,15 @@ def _write(
     curves: dict[str, dict[str, FlipCurves]], mprt_res: dict[str, dict[str, MPRTResult]],
 ) -> EvaluationResult:
     summary = summarise(per_example)
-    write_csv(summary, out / "results.csv")
+    na = {t: info.get("not_applicable", {}) for t, info in meta["tasks"].items()}
+    na_rows = [
+        {"task": t, "method": m, "metric": "n/a", "mean": float("nan"), "ci95": float("nan"), "n": 0, "note": why}
+        for t, by_method in na.items() for m, why in by_method.items()
+    ]
+    write_csv(summary + na_rows, out / "results.csv")
     write_csv(per_example, out / "per_example.csv")
-    header = ["# Faithfulness evaluation", "", f"Command: `{meta['command']}`  ", f"Seed: {meta['seed']}", ""]
+    header = ["# Faithfulness evaluation", "", f"Command: `{meta['command']}`  ", f"Seed: {meta['seed']}  ",
+              f"Wall time: {meta.get('wall_seconds', float('nan')):.0f} s", ""]
     for name, info in meta["tasks"].items():
         tok = f" ({info['replacement_token']!r})" if info["replacement_token"] is not None else ""
         header.append(
@@ -456,7 +480,7 @@ def _write(
             f"({info['replacement_chosen']}); read-out token protected: {info['protect_last']}; "
             f"explained class: {info['target']}"
         )
-    (out / "results.md").write_text(markdown(summary, "\n".join(header)))
+    (out / "results.md").write_text(markdown(summary, "\n".join(header), na))
     try:
         import matplotlib  # noqa: F401  (the optional `viz` extra)
     except ImportError:
