@@ -39,8 +39,9 @@ def _score(model, ids, mask, q):
     return out[torch.arange(ids.shape[0]), q, TARGET].sum()
 
 
-def dense_attn_grad_maps(model, layers, score_fn):
-    """Per layer, ``mean_c (A ⊙ ∂f/∂A)⁺`` by autograd through a dense ``A`` substituted into the model."""
+def dense_attn_grad_maps(model, layers, score_fn, absolute=False):
+    """Per layer, ``mean_c (A ⊙ ∂f/∂A)⁺`` (or ``mean_c |A ⊙ ∂f/∂A|``) by autograd through a dense ``A`` substituted
+    into the model."""
     maps = []
     for attn in layers:
         dense = attn.dense().detach().requires_grad_(True)  # (b, C, L, L)
@@ -56,7 +57,8 @@ def dense_attn_grad_maps(model, layers, score_fn):
             score_fn().backward(inputs=[dense])
         finally:
             handle.remove()
-        maps.append((dense.detach() * dense.grad).clamp(min=0).mean(1))
+        contribution = dense.detach() * dense.grad
+        maps.append((contribution.abs() if absolute else contribution.clamp(min=0)).mean(1))
     return maps
 
 
@@ -133,6 +135,11 @@ def test_hybrid_layers_enter_the_rollout_uniformly() -> None:
         for g, w in zip(got, want):
             assert rel_err(g, w) < 1e-10
         assert rel_err(method.attribute(ids, target=TARGET), dense_rollout_row(want, q)) < 1e-10
+        want_abs = dense_attn_grad_maps(model, run.layers, score, absolute=True)
+        got_abs = method.attribute(ids, target=TARGET, reduce="abs_mean")
+        assert rel_err(got_abs, dense_rollout_row(want_abs, q)) < 1e-10
+        with pytest.raises(ValueError, match="reduce"):
+            method.attribute(ids, target=TARGET, reduce="median")
         # the published Mamba-Attr is defined on S6 layers only: it skips the toy layer
         assert MambaAttr(model).attribute(ids, target=TARGET, start_layer=1).shape == ids.shape
         with pytest.raises(ValueError, match="start_layer"):

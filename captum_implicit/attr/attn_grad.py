@@ -12,6 +12,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from ..core.attention import LayerAttention
+from ..ops.blockwise import REDUCTIONS
 
 from ._base import ImplicitAttributionMixin, Run, layer_maps, prepare
 from ._rollout import rollout_row
@@ -84,6 +85,7 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
         method: Literal["chefer", "uia"] = "chefer",
         start_layer: int = 0,
         row_normalize: bool = True,
+        reduce: str = "positive_mean",
     ) -> TensorOrTupleOfTensorsGeneric:
         """Relevance of every input token for the target score at the query position.
 
@@ -105,6 +107,10 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
             First captured layer entering the rollout (the UIA paper uses 15 of Vim-S's 24).
         row_normalize : bool
             ``"chefer"`` only: row-normalise ``I + Ā_l`` (default) or not (GAE).
+        reduce : str
+            ``"chefer"`` only: channel reduction of ``A_l ⊙ ∂f/∂A_l`` (see :meth:`LayerAttention.aggregate`).
+            ``"positive_mean"`` (default) is Chefer et al.'s positive part; ``"abs_mean"`` keeps evidence carried
+            with a negative sign (measured much better on RWKV, docs/evaluation.md).
 
         Returns
         -------
@@ -114,11 +120,13 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
         is_tuple, inputs_t, afa = prepare(inputs, additional_forward_args)
         if method not in ("chefer", "uia"):
             raise ValueError(f"method must be 'chefer' or 'uia', got {method!r}")
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"unknown reduce {reduce!r}; expected one of {REDUCTIONS}")
         grad_to = "output" if method == "chefer" else "block"
         run = self._run(inputs_t, target, afa, query_position, grad_to=grad_to)
         with torch.no_grad():
             if method == "chefer":
-                relevance = chefer_relevance(run, start_layer, row_normalize)
+                relevance = chefer_relevance(run, start_layer, row_normalize, reduce)
             else:
                 from .published import published_relevance, uia_vector
 
@@ -126,19 +134,19 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
         return self._format(relevance, inputs_t, is_tuple)
 
 
-def attn_grad_maps(run: Run, start_layer: int) -> Iterator[Tensor]:
+def attn_grad_maps(run: Run, start_layer: int, reduce: str = "positive_mean") -> Iterator[Tensor]:
     """``Ā_l`` (``(B, L, L)``, padding columns zeroed) for the layers from ``start_layer``, last first."""
 
     def attn_grad(attn: LayerAttention) -> Tensor:
         grad = attn.output_grad if attn.output_grad is not None else torch.zeros_like(attn.values)
-        return attn.aggregate("positive_mean", grad=grad)
+        return attn.aggregate(reduce, grad=grad)
 
     return layer_maps(run, start_layer, attn_grad)
 
 
-def chefer_relevance(run: Run, start_layer: int, row_normalize: bool) -> Tensor:
+def chefer_relevance(run: Run, start_layer: int, row_normalize: bool, reduce: str = "positive_mean") -> Tensor:
     """Row ``q`` of ``Π (I + Ā_l)`` for every example, ``(B, L)``."""
-    maps = attn_grad_maps(run, start_layer)  # raises on a bad start_layer before any work
+    maps = attn_grad_maps(run, start_layer, reduce)  # raises on a bad start_layer before any work
     ref = run.layers[0]
     start = one_hot_rows(run.queries, run.length, ref.dtype, ref.device)
     return rollout_row(start, maps, row_normalize)
