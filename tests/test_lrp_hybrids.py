@@ -1,5 +1,6 @@
-"""LRP (captum_implicit.lrp) on hybrids: Qwen3-Next (Gated DeltaNet + gated softmax attention, dense or MoE) and
-Jamba (Mamba + softmax attention + MoE). Tiny random float64 models; both return float64 logits.
+"""LRP (captum_implicit.lrp) on hybrids: Qwen3-Next (Gated DeltaNet + gated softmax attention, dense or MoE), Jamba
+(Mamba + softmax attention + MoE) and LFM2 (gated short convs + softmax attention). Tiny random float64 models; all
+return float64 logits.
 
 HF's default MoE experts implementation (``grouped_mm``) refuses float64 on CPU, so the MoE models use HF's
 ``eager`` experts (the loop the LRP form mirrors).
@@ -14,7 +15,14 @@ from hypothesis import strategies as st
 
 pytest.importorskip("zennit")
 transformers = pytest.importorskip("transformers")
-from transformers import JambaConfig, JambaForCausalLM, Qwen3NextConfig, Qwen3NextForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    JambaConfig,
+    JambaForCausalLM,
+    Lfm2Config,
+    Lfm2ForCausalLM,
+    Qwen3NextConfig,
+    Qwen3NextForCausalLM,
+)
 
 from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, GatedLinearRules, LRPError  # noqa: E402
 from captum_implicit.lrp import is_canonized  # noqa: E402
@@ -70,10 +78,22 @@ def tiny_jamba(seed=0, hidden=8, layers=4, experts=4, attn_period=2, kernel=3, s
     return model
 
 
+def tiny_lfm2(seed=0, hidden=8, layers=("conv", "full_attention"), kernel=3, use_bias=False, zero_biases=True,
+              dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    cfg = Lfm2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=len(layers),
+                     num_attention_heads=2, num_key_value_heads=1, conv_L_cache=kernel, conv_bias=use_bias,
+                     block_auto_adjust_ff_dim=False, layer_types=list(layers), tie_word_embeddings=False)
+    model = Lfm2ForCausalLM(cfg).to(dtype).eval()
+    _spread_hybrid(model, zero_biases)
+    return model
+
+
 BUILD = {
     "qwen3_next": tiny_qwen3_next,
     "qwen3_next_moe": lambda **kw: tiny_qwen3_next(**{"experts": 4, **kw}),
     "jamba": tiny_jamba,
+    "lfm2": tiny_lfm2,
 }
 
 
@@ -85,6 +105,7 @@ def test_every_hybrid_class_has_a_form():
         "qwen3_next_moe": {"Qwen3NextSparseMoeBlock", "Qwen3NextExperts"},
         "jamba": {"JambaMambaMixer", "JambaAttention", "JambaMLP", "JambaSparseMoeBlock", "JambaExperts",
                   "JambaRMSNorm"},
+        "lfm2": {"Lfm2ShortConv", "Lfm2Attention", "Lfm2MLP", "Lfm2RMSNorm"},
     }
     for family, build in BUILD.items():
         found = {type(m).__name__ for m in build().modules() if find_lrp_form(m) is not None}
@@ -146,6 +167,10 @@ CONFIGS = {
         "seed": st.integers(0, 2**16), "layers": st.integers(1, 4), "experts": st.sampled_from([1, 3]),
         "attn_period": st.sampled_from([2, 3]), "kernel": st.sampled_from([2, 4]), "state": st.sampled_from([1, 4]),
     }),
+    "lfm2": st.fixed_dictionaries({
+        "seed": st.integers(0, 2**16), "kernel": st.sampled_from([2, 3, 5]),
+        "layers": st.sampled_from([("conv",), ("conv", "full_attention"), ("full_attention", "conv", "conv")]),
+    }),
 }
 CONFIGS["qwen3_next_moe"] = CONFIGS["qwen3_next"]
 
@@ -168,9 +193,10 @@ def test_conservation_exact(family, length, batch, padded, data):
         assert torch.all(R[mask == 0] == 0)
 
 
-@pytest.mark.parametrize("family", ["qwen3_next", "jamba"])
+@pytest.mark.parametrize("family", ["qwen3_next", "jamba", "lfm2"])
 def test_bias_absorption_accounts_for_the_difference(family):
-    """With biases (Qwen3-Next: attention projections; Jamba: conv, Δ and projections), Σ R + Σ b ⊙ grad_b = f."""
+    """With biases (Qwen3-Next: attention projections; Jamba: conv, Δ, projections; LFM2: conv, projections),
+    Σ R + Σ b ⊙ grad_b = f."""
     model = BUILD[family](seed=3, zero_biases=False, use_bias=True)
     ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
     R, f, absorbed = relevance(model, ids, torch.tensor([3]), with_biases=True)
@@ -195,6 +221,8 @@ ABLATIONS = {
     **{("jamba", r): 1e-3 for r in ("identity_act", "detach_ssm", "half_gate", "detach_norm", "detach_softmax",
                                     "detach_routing")},
     ("jamba", "exact_casts"): CONSERVE,
+    **{("lfm2", r): 1e-3 for r in ("identity_act", "half_gate", "detach_norm", "detach_softmax")},
+    ("lfm2", "exact_casts"): CONSERVE,
 }
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
 from .common import act, exact_region, hold, mask_padding
+from .mamba import _conv_is_causal
 from .primitives import uniform_rule
 from .recurrent_gemma import rg_mlp_lrp, rg_rms_norm_lrp
 
@@ -111,9 +112,13 @@ def gdn_lrp(
     if cache is not None:  # HF conv's the (possibly left-padded) prefill it caches; same numbers, live graph
         full = cache.update_conv_state(mixed.detach(), module.layer_idx, conv_kernel_size=module.conv_kernel_size)
         mixed = F.pad(mixed, (full.shape[-1] - seq_len, 0))
-    weight = module.conv1d.weight.squeeze(1)
-    conv = F.conv1d(mixed.to(weight.dtype), weight=weight.unsqueeze(1), bias=module.conv1d.bias,
-                    padding=weight.shape[-1] - 1, groups=weight.shape[0])[:, :, : mixed.shape[-1]]
+    weight = module.conv1d.weight
+    if _conv_is_causal(module.conv1d):  # the module computes HF's conv: call it so Zennit rules can attach
+        conv = module.conv1d(mixed.to(weight.dtype))
+    else:
+        conv = F.conv1d(mixed.to(weight.dtype), weight=weight, bias=module.conv1d.bias,
+                        padding=weight.shape[-1] - 1, groups=weight.shape[0])
+    conv = conv[:, :, : mixed.shape[-1]]
     mixed = act(hf.ACT2FN[module.activation], conv, rules).to(mixed.dtype)
     mixed = mixed[:, :, -seq_len:].transpose(1, 2)
     query, key, value = torch.split(mixed, [module.key_dim, module.key_dim, module.value_dim], dim=-1)
