@@ -29,6 +29,7 @@ from captum_implicit.lrp import is_canonized  # noqa: E402
 from captum_implicit.lrp.canonizers import find_lrp_form  # noqa: E402
 from captum_implicit.lrp.qwen3_next import gated_delta_rule_recurrent  # noqa: E402
 
+from conftest import rel_err, requires_cuda  # noqa: E402
 from test_lrp import assert_restored, model_state  # noqa: E402
 from test_lrp_families import VOCAB, _spread, rel_conservation, relevance  # noqa: E402
 
@@ -48,15 +49,15 @@ def _spread_hybrid(model, zero_biases: bool) -> None:
 
 
 def tiny_qwen3_next(seed=0, hidden=8, heads=2, kv_heads=1, k_heads=1, v_heads=2, head_dim=4, kernel=3,
-                    layers=("linear_attention", "full_attention"), experts=0, use_bias=False, zero_biases=True,
+                    layers=("linear_attention", "full_attention"), experts=0, moe_dim=6, use_bias=False, zero_biases=True,
                     dtype=torch.float64, **_):
     torch.manual_seed(seed)
     cfg = Qwen3NextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
                           num_hidden_layers=len(layers), num_attention_heads=heads, num_key_value_heads=kv_heads,
                           head_dim=head_dim, linear_conv_kernel_dim=kernel, linear_key_head_dim=head_dim,
                           linear_value_head_dim=head_dim, linear_num_key_heads=k_heads, linear_num_value_heads=v_heads,
-                          num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=6,
-                          shared_expert_intermediate_size=6, layer_types=list(layers), attention_bias=use_bias,
+                          num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=moe_dim,
+                          shared_expert_intermediate_size=moe_dim, layer_types=list(layers), attention_bias=use_bias,
                           tie_word_embeddings=False)
     cfg._experts_implementation = "eager"
     model = Qwen3NextForCausalLM(cfg).to(dtype).eval()
@@ -126,6 +127,20 @@ def test_canonized_logits_identical(family, dtype):
         out = model(ids, attention_mask=mask, use_cache=False).logits
         out_cache = model(ids, attention_mask=mask, use_cache=True).logits  # a fresh cache filled as HF fills it
     assert torch.equal(out, ref) and torch.equal(out_cache, ref_cache)
+
+
+@pytest.mark.parametrize("family", ["qwen3_next_moe", "jamba"])
+def test_moe_default_experts_kernel_float32(family):
+    """HF's default experts kernel (grouped_mm, float32 only on CPU): the canonized logits stay the model's, bit for
+    bit, and relevance conserves to float32 rounding."""
+    model = BUILD[family](seed=7, dtype=torch.float32, moe_dim=8)  # grouped_mm wants 16-byte strides
+    model.config._experts_implementation = "grouped_mm"
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(7))
+    ref = model(ids, use_cache=False).logits
+    with GatedLinearComposite().context(model):
+        assert torch.equal(model(ids, use_cache=False).logits, ref)
+    R, f, _ = relevance(model, ids, torch.tensor([1, 2]))
+    assert rel_conservation(R.double(), f.double()) < 1e-4
 
 
 def test_delta_rule_recurrence_matches_hf_kernels():
@@ -268,3 +283,21 @@ def test_cached_continuation_refused(family):
         with GatedLinearComposite().context(model):
             model(ids[:, -1:], use_cache=True, cache=out.cache)
     assert_restored(model, before)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_gpu_canonized_model(family):
+    """On CUDA transformers may call fused kernels (fla's chunked delta rule, causal-conv1d, mamba-ssm, grouped_mm
+    experts); the LRP forms run HF's torch paths for the relevance (HF's own kernel for the delta rule's value), so
+    logits agree to float32 rounding and relevance conserves to float32 rounding."""
+    model = BUILD[family](seed=8, dtype=torch.float32, moe_dim=8).cuda()
+    ids = torch.randint(1, VOCAB, (2, 32), device="cuda")
+    ref = model(ids, use_cache=False).logits
+    with GatedLinearComposite().context(model):
+        out = model(ids, use_cache=False).logits
+    assert rel_err(out, ref) < 1e-4
+    R, f, _ = relevance(model, ids, torch.tensor([1, 2], device="cuda"))
+    assert rel_conservation(R.double(), f.double()) < 1e-4

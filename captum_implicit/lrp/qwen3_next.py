@@ -13,7 +13,9 @@ Rules:
 * ``Qwen3NextAttention``: softmax probabilities held (queries and keys detached after q/k norm
   and RoPE; CP-LRP), so it is linear in V; the output gate ``o ⊙ σ(g)``: half rule, identity
   rule on the sigmoid;
-* ``Qwen3NextMLP`` / ``Qwen3NextExperts``: ``SiLU(gate) ⊙ up``: half rule, identity on SiLU;
+* ``Qwen3NextMLP`` / ``Qwen3NextExperts``: ``SiLU(gate) ⊙ up``: half rule, identity on SiLU
+  (the relevance path is HF's eager expert loop; where the config selects another experts
+  kernel, e.g. ``grouped_mm``, the value is that kernel's, joined by ``proportional``);
 * ``Qwen3NextSparseMoeBlock``: routing weights and the shared expert's sigmoid gate held
   constant (``rules.detach_routing``): the block is a sum of experts with constant weights;
 * ``Qwen3NextRMSNorm``: ``x · rsqrt(mean x² + ε) · (1 + w)`` in float32, scale held constant.
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
 from .common import act, exact_region, hold, mask_padding
 from .mamba import _conv_is_causal
-from .primitives import uniform_rule
+from .primitives import proportional, uniform_rule
 from .recurrent_gemma import rg_mlp_lrp, rg_rms_norm_lrp
 
 _HF = "transformers.models.qwen3_next.modeling_qwen3_next"
@@ -234,6 +236,11 @@ def qwen3_next_experts_lrp(
             h = uniform_rule(h, 2)
         h = F.linear(h, module.down_proj[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]
         final = final.index_add(0, token_idx, h.to(final.dtype))
+    if getattr(getattr(module, "config", None), "_experts_implementation", None) not in (None, "eager"):
+        # HF dispatches to another kernel (e.g. grouped_mm): its value, the eager loop's relevance path
+        with torch.no_grad():
+            value = type(module).forward(module, hidden_states, top_k_index, top_k_weights)
+        return proportional(final, value.to(final.dtype))
     return final
 
 
