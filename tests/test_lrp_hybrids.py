@@ -301,3 +301,11 @@ def test_gpu_canonized_model(family):
     assert rel_err(out, ref) < 1e-4
     R, f, _ = relevance(model, ids, torch.tensor([1, 2], device="cuda"))
     assert rel_conservation(R.double(), f.double()) < 1e-4
+
+
+def test_qwen3_next_across_hf_chunks():
+    """L = 70 crosses HF's 64-token chunk of the delta rule (the value's kernel); the relevance still conserves."""
+    model = tiny_qwen3_next(seed=9, layers=("linear_attention", "linear_attention"))
+    ids = torch.randint(1, VOCAB, (1, 70), generator=torch.Generator().manual_seed(9))
+    R, f, _ = relevance(model, ids, torch.tensor([4]))
+    assert rel_conservation(R, f) <= CONSERVE
