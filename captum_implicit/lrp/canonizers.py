@@ -46,6 +46,9 @@ class GatedLinearRules:
     detach_softmax : bool
         Softmax probabilities held constant (queries and keys detached; CP-LRP), so softmax
         attention is linear in its values (RecurrentGemma's local attention).
+    detach_routing : bool
+        Mixture-of-experts routing weights (and shared-expert gates) held constant, so a MoE
+        block is a sum of its experts with constant weights.
     detach_norm : bool
         Stop-gradient on norm scales (RMSNorm ``rsqrt(mean x² + ε)``; the CP-LRP LN rule).
     exact_casts : bool
@@ -59,6 +62,7 @@ class GatedLinearRules:
     detach_ssm: bool = True
     half_gate: bool = True
     detach_softmax: bool = True
+    detach_routing: bool = True
     detach_norm: bool = True
     exact_casts: bool = True
 
@@ -117,7 +121,7 @@ def unregister_lrp_form(form: LRPForm) -> None:
 
 #: Built-in family modules (``captum_implicit.lrp.<name>``), each registering its forms on import.
 #: Adding a family: one file with its forms and ``register_lrp_form`` calls, and one name here.
-BUILTIN_FAMILIES: tuple[str, ...] = ("mamba", "mamba2", "rwkv", "recurrent_gemma", "norms")
+BUILTIN_FAMILIES: tuple[str, ...] = ("mamba", "mamba2", "rwkv", "recurrent_gemma", "qwen3_next", "jamba", "lfm2", "norms")
 
 
 def lrp_forms() -> list[LRPForm]:
