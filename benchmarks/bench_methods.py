@@ -27,6 +27,7 @@ from captum_implicit import ImplicitAttnGrad
 
 SIZES = {
     "tiny": dict(hidden_size=64, state_size=8, num_hidden_layers=2),
+    "small": dict(hidden_size=128, state_size=16, num_hidden_layers=4),
     "130m": dict(hidden_size=768, state_size=16, num_hidden_layers=24),
 }
 
