@@ -81,3 +81,33 @@ def exact_region(
         value = fn(narrow)
     relevance = fn(wide)
     return proportional(relevance, value.to(relevance.dtype))
+
+
+def held_delta_rule(
+    kernel: Callable[..., tuple[Tensor, Tensor | None]],
+    recurrent: Callable[..., Tensor],
+    query: Tensor, key: Tensor, value: Tensor, g: Tensor, beta: Tensor,
+    rules: GatedLinearRules,
+    keep_state: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """A delta-rule layer made linear in ``value``: queries, keys, betas and decays held constant.
+
+    The value is HF's own float32 ``kernel`` (called as HF calls its chunked delta rule); the relevance runs
+    through ``recurrent(query, key, value, g, beta, dtype)`` in the compute dtype, joined by
+    :func:`exact_region`. Returns the core output and the kernel's final state (``None`` unless ``keep_state``).
+    """
+    query, key, beta, g = (hold(t, rules.detach_ssm) for t in (query, key, beta, g))
+    final: list[Tensor | None] = []
+
+    def region(compute_dtype: torch.dtype) -> Tensor:
+        if compute_dtype == torch.float32:  # HF's own kernel (computes in float32): the model's value
+            out, state = kernel(
+                query, key, value, g=g, beta=beta, initial_state=None,
+                output_final_state=keep_state, use_qk_l2norm_in_kernel=True,
+            )
+            final.append(state)
+            return out
+        return recurrent(query, key, value, g, beta, compute_dtype)
+
+    core = exact_region(region, value.dtype, torch.float32, rules)
+    return core, (final[0] if final else None)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, exact_region, hold, mask_padding
+from .common import act, exact_region, held_delta_rule, hold, mask_padding
 from .mamba import _conv_is_causal, rms_norm_lrp
 from .primitives import uniform_rule
 from .qwen3_next import qwen3_next_experts_lrp
@@ -122,22 +122,12 @@ def kda_lrp(
     g = module.forget_gate(hidden_states)
     beta = torch.sigmoid(module.b_proj(hidden_states))
     # queries, keys, betas and channel-wise decays are functions of the input held constant: linear in v
-    query, key, beta, g = (hold(t, rules.detach_ssm) for t in (query, key, beta, g))
-    final: list[Tensor | None] = []
-
-    def region(compute_dtype: torch.dtype) -> Tensor:
-        if compute_dtype == torch.float32:  # HF's own kernel (computes in float32): the model's value
-            out, state = hf.chunk_kimi_delta_attention(
-                query, key, value, g=g, beta=beta, initial_state=None,
-                output_final_state=cache is not None, use_qk_l2norm_in_kernel=True,
-            )
-            final.append(state)
-            return out
-        return kda_recurrent(query, key, value, g, beta, compute_dtype)
-
-    core = exact_region(region, value.dtype, torch.float32, rules)
+    core, final_state = held_delta_rule(
+        hf.chunk_kimi_delta_attention, kda_recurrent, query, key, value, g, beta, rules,
+        keep_state=cache is not None,
+    )
     if cache is not None:
-        cache.update_recurrent_state(final[0].detach().to(torch.float32), idx)
+        cache.update_recurrent_state(final_state.detach().to(torch.float32), idx)
     gate = module.g_b_proj(module.g_a_proj(hidden_states)).view(hidden_shape)
     out = module.o_norm(core, gate).reshape(batch, seq_len, -1)
     return module.o_proj(out)

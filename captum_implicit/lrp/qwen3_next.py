@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, exact_region, hold, mask_padding
+from .common import act, exact_region, held_delta_rule, hold, mask_padding
 from .mamba import _conv_is_causal
 from .primitives import proportional, uniform_rule
 from .recurrent_gemma import rg_mlp_lrp, rg_rms_norm_lrp
@@ -130,22 +130,12 @@ def gdn_lrp(
     beta = b.sigmoid()
     g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)
     # queries, keys, betas and decays are functions of the input held constant: linear in v
-    query, key, beta, g = (hold(t, rules.detach_ssm) for t in (query, key, beta, g))
-    final: list[Tensor | None] = []
-
-    def region(compute_dtype: torch.dtype) -> Tensor:
-        if compute_dtype == torch.float32:  # HF's own kernel (computes in float32): the model's value
-            out, state = hf.torch_chunk_gated_delta_rule(
-                query, key, value, g=g, beta=beta, initial_state=None,
-                output_final_state=cache is not None, use_qk_l2norm_in_kernel=True,
-            )
-            final.append(state)
-            return out
-        return gated_delta_rule_recurrent(query, key, value, g, beta, compute_dtype)
-
-    core = exact_region(region, value.dtype, torch.float32, rules)
+    core, final_state = held_delta_rule(
+        hf.torch_chunk_gated_delta_rule, gated_delta_rule_recurrent, query, key, value, g, beta, rules,
+        keep_state=cache is not None,
+    )
     if cache is not None:
-        cache.update_recurrent_state(final[0].detach(), module.layer_idx)
+        cache.update_recurrent_state(final_state.detach(), module.layer_idx)
     z_shape = z.shape
     core = module.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1]))
     core = core.reshape(z_shape).reshape(z_shape[0], z_shape[1], -1)
