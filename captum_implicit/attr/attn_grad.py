@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from ..core.attention import LayerAttention
 from ..ops.blockwise import REDUCTIONS
 
 from ._base import ImplicitAttributionMixin, Run, layer_maps, prepare
-from ._rollout import rollout_row
+from ._rollout import rollout_row, rollout_step
 from ._utils import QueryType, one_hot_rows
 
 
@@ -86,6 +87,7 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
         start_layer: int = 0,
         row_normalize: bool = True,
         reduce: str = "positive_mean",
+        streaming: bool = False,
     ) -> TensorOrTupleOfTensorsGeneric:
         """Relevance of every input token for the target score at the query position.
 
@@ -111,6 +113,11 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
             ``"chefer"`` only: channel reduction of ``A_l ⊙ ∂f/∂A_l`` (see :meth:`LayerAttention.aggregate`).
             ``"positive_mean"`` (default) is Chefer et al.'s positive part; ``"abs_mean"`` keeps evidence carried
             with a negative sign (measured much better on RWKV, docs/evaluation.md).
+        streaming : bool
+            ``"chefer"`` only: keep one layer's captured factors in memory at a time instead of all of them
+            (:mod:`captum_implicit.attr._streaming`): the blocks run under activation checkpointing, and each
+            layer is re-run alone from its recorded input, last layer first. Same result, about twice the
+            forward cost; for long inputs on large models (e.g. 32k tokens on a 2.8b Mamba on one GPU).
 
         Returns
         -------
@@ -122,6 +129,11 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
             raise ValueError(f"method must be 'chefer' or 'uia', got {method!r}")
         if reduce not in REDUCTIONS:
             raise ValueError(f"unknown reduce {reduce!r}; expected one of {REDUCTIONS}")
+        if streaming:
+            if method != "chefer":
+                raise ValueError("streaming=True is available for method='chefer' only")
+            relevance = self._streamed_relevance(inputs_t, target, afa, query_position, start_layer, row_normalize, reduce)
+            return self._format(relevance, inputs_t, is_tuple)
         grad_to = "output" if method == "chefer" else "block"
         run = self._run(inputs_t, target, afa, query_position, grad_to=grad_to)
         with torch.no_grad():
@@ -134,14 +146,30 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
         return self._format(relevance, inputs_t, is_tuple)
 
 
+    def _streamed_relevance(
+        self, inputs: tuple[Tensor, ...], target: TargetType, afa: tuple, query_position: QueryType,
+        start_layer: int, row_normalize: bool, reduce: str,
+    ) -> Tensor:
+        from ._streaming import streamed_run
+
+        with streamed_run(self.forward_func, self.model, inputs, target, afa, query_position) as run, torch.no_grad():
+            maps = run.maps(start_layer, functools.partial(_attn_grad, reduce=reduce))
+            first = next(maps)  # its dtype and device start the row
+            start = one_hot_rows(run.queries, run.length, first.dtype, first.device)
+            row = rollout_step(start, first, row_normalize)
+            del first
+            return rollout_row(row, maps, row_normalize)
+
+
+def _attn_grad(attn: LayerAttention, reduce: str = "positive_mean") -> Tensor:
+    grad = attn.output_grad if attn.output_grad is not None else torch.zeros_like(attn.values)
+    return attn.aggregate(reduce, grad=grad)
+
+
 def attn_grad_maps(run: Run, start_layer: int, reduce: str = "positive_mean") -> Iterator[Tensor]:
     """``Ā_l`` (``(B, L, L)``, padding columns zeroed) for the layers from ``start_layer``, last first."""
 
-    def attn_grad(attn: LayerAttention) -> Tensor:
-        grad = attn.output_grad if attn.output_grad is not None else torch.zeros_like(attn.values)
-        return attn.aggregate(reduce, grad=grad)
-
-    return layer_maps(run, start_layer, attn_grad)
+    return layer_maps(run, start_layer, functools.partial(_attn_grad, reduce=reduce))
 
 
 def chefer_relevance(run: Run, start_layer: int, row_normalize: bool, reduce: str = "positive_mean") -> Tensor:

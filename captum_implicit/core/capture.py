@@ -103,6 +103,9 @@ class Capture:
     eval_mode : bool
         Put the model in eval mode while capturing (fused training-only paths cannot
         be observed); the original modes are restored on exit.
+    build : bool
+        Build each layer's :class:`LayerAttention` (default). ``False`` keeps only each call's
+        arguments and output (``recordings``), for runs that rebuild layers one at a time.
 
     Attributes
     ----------
@@ -110,10 +113,15 @@ class Capture:
         One entry per supported layer call, in forward order.
     """
 
-    def __init__(self, model: nn.Module, track_grad: bool = False, eval_mode: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, track_grad: bool = False, eval_mode: bool = True, build: bool = True
+    ) -> None:
         self.model = model
         self.track_grad = track_grad
         self.eval_mode = eval_mode
+        self.build = build
+        #: while True, layer calls run on the capture's path (torch fallbacks, unfused) but are not recorded
+        self.paused = False
         self.recordings: list[Recording] = []
         self._stack: list[Recording] = []
         self._guard = ModelGuard(model)
@@ -172,17 +180,24 @@ class Capture:
             guard.add_undo(adapter.prepare(module))
 
         def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            if self.paused:
+                return
             rec = Recording(
                 name=name, module=mod, adapter=adapter, args=args, kwargs=dict(kwargs), track_grad=self.track_grad
             )
             self._stack.append(rec)
 
         def post_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self.paused:
+                return
             if not self._stack or self._stack[-1].module is not mod:
                 raise CaptureError(f"layer {name!r}: capture stack out of order (re-entrant forward?)")
             rec = self._stack.pop()
             rec.output = output
-            rec.attention = self._build(rec)
+            if self.build:
+                rec.attention = self._build(rec)
+            else:  # keep the call, drop what only a build needs
+                rec.calls, rec.submodule_inputs, rec.submodule_kwargs, rec.output_input = [], {}, {}, None
             self.recordings.append(rec)
 
         guard.add_undo(module.register_forward_pre_hook(pre_hook, with_kwargs=True).remove)
