@@ -1,4 +1,5 @@
-"""Tuning sweep of the Mamba Triton kernel: product precision × warps × block, on one 130m-sized layer.
+"""Tuning sweep of the Mamba Triton kernel (far-tile products, pipelining stages, dense channels per program,
+warps) on one 130m-sized layer.
 
     python benchmarks/sweep_kernel.py --length 4096
 
@@ -9,7 +10,6 @@ and the error against the torch reference.
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 
 import torch
@@ -39,15 +39,18 @@ def main() -> None:
     small = capture_layer(768, a.dense_length)
     with blockwise(triton=False):
         ref = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
-    for product, warps, block in itertools.product(["tf32x3", "tf32"], [4, 8], [64, 128]):
-        ssm_triton.PRODUCT, ssm_triton.NUM_WARPS, ssm_triton.BLOCK = product, warps, block
+    variants = [dict(FAR_PRODUCT=f, NUM_STAGES=st, DENSE_CHANNELS=dc, NUM_WARPS=w)
+                for f, st, dc, w in [("register", 3, 1, 4), ("split", 3, 8, 4), ("split", 2, 8, 4),
+                                     ("split", 4, 16, 4), ("split", 3, 8, 8)]]
+    for variant in variants:
+        for key, value in variant.items():
+            setattr(ssm_triton, key, value)
         t_agg = seconds(lambda: la.aggregate("positive_mean", grad=grad))
         t_dense = seconds(lambda: small.dense(), reps=2)
         got = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
         err = float((got - ref).abs().max() / ref.abs().max())
-        print(f"{product:7s} warps={warps} block={block}: Ā(L={a.length}) {t_agg:.4f} s  "
-              f"dense(L={a.dense_length}) {t_dense:.4f} s  rel err {err:.1e}", flush=True)
-
+        print(f"{variant}: Ā(L={a.length}) {t_agg:.4f} s  dense(L={a.dense_length}) {t_dense:.4f} s  "
+              f"rel err {err:.1e}", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -123,9 +123,11 @@ def test_kernel_logic_in_triton_interpreter():
     pytest.importorskip("triton")
     code = (
         "import sys; sys.path.insert(0, 'tests'); import test_ssm_triton as t; "
-        "from captum_implicit.ops import ssm_triton; ssm_triton.FACTOR_ELEMENTS = 40 * 16; "  # one channel per launch
-        "a = t.random_mamba_attention('cpu', channels=2, length=40, state=3, batch=1); "
-        "t.compare_with_reference(a); "
+        "from captum_implicit.ops import ssm_triton; ssm_triton.BLOCK = 16; "  # 16-token tiles: far tiles exist
+        "a = t.random_mamba_attention('cpu', channels=3, length=40, state=3, batch=1); "
+        "t.compare_with_reference(a); "  # several channels per program (dense and reductions)
+        "ssm_triton.FAR_PRODUCT = 'register'; t.compare_with_reference(a); ssm_triton.FAR_PRODUCT = 'split'; "
+        "ssm_triton.FACTOR_ELEMENTS = 40 * 16; t.compare_with_reference(a); "  # one channel per launch
         "huge = t.random_mamba_attention('cpu', channels=2, length=40, state=3, batch=1, rate_scale=1e4); "
         "assert ssm_triton._block_for(huge.cum, huge.rate, 4, 40) is None; t.compare_with_reference(huge); "
         "print('ok')"

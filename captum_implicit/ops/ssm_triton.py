@@ -46,6 +46,14 @@ BLOCK = 64
 #: recovering float32 accuracy)
 PRODUCT = "tf32x3"
 NUM_WARPS = 4
+#: far tiles: "split" loads the right factor transposed and pre-split into TF32 high and low parts (three TF32
+#: products, the B operands straight from memory, software-pipelined over channels); "register" applies
+#: ``PRODUCT`` to factors held in registers
+FAR_PRODUCT = "split"
+#: software-pipelining stages of the channel loop
+NUM_STAGES = 3
+#: channels per program in dense mode (each writes its own tiles; more per program amortises the setup)
+DENSE_CHANNELS = 8
 #: always use the per-entry form next to the diagonal (tests)
 FORCE_NEAR_EXACT = False
 #: elements of one precomputed factor tensor per launch (channels are processed in chunks of this size)
@@ -82,6 +90,11 @@ if triton is not None:
         else:
             acc = tl.maximum(acc, tl.abs(m))
         return acc
+
+    @triton.jit
+    def _tf32_high(x):
+        """``x`` truncated to TF32 (10 mantissa bits): exactly representable, so a TF32 product keeps it."""
+        return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _near_tile_pivoted(
@@ -162,13 +175,13 @@ if triton is not None:
 
     @triton.jit
     def _ssm_kernel(
-        out_ptr, tiles_ptr, q_ptr, k_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
+        out_ptr, tiles_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
         skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
         L, C, H, N, c_base, c_count, ch_per_prog,
         s_ob, s_oc, s_ot,  # out strides (batch, channel|group, row); columns contiguous
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
-        ACCUMULATE: tl.constexpr, PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr,
+        ACCUMULATE: tl.constexpr, PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr, SPLIT: tl.constexpr,
     ):
         tile = tl.program_id(0)
         b = tl.program_id(1)
@@ -212,8 +225,21 @@ if triton is not None:
                     # K'[s] carries e^{a (cum_{col_pivot} - cum_{s+j})}; move its pivot to the row block's (≤ 1)
                     cum_q = tl.load(cum_ptr + base_bc + col_pivot)
                     shift = tl.exp((cum_p - cum_q).to(tl.float32) * rate)
-                    kk = tl.load(k_ptr + (base_q + offs_s[:, None]) * N_P + offs_n[None, :], mask=mask_s[:, None], other=0.0)
-                    m = tl.dot(q, tl.trans(kk * shift[None, :]), input_precision=PRODUCT)
+                    if SPLIT:
+                        # K'ᵀ (N_P, BS) in high and low TF32 parts; the shift moves to Q (it scales the contraction)
+                        kt = base_q * N_P + offs_n[:, None] * L + offs_s[None, :]
+                        kh = tl.load(kh_ptr + kt, mask=mask_s[None, :], other=0.0)
+                        kl = tl.load(kl_ptr + kt, mask=mask_s[None, :], other=0.0)
+                        qs = q * shift[None, :]
+                        q_hi = _tf32_high(qs)
+                        m = tl.dot(qs - q_hi, kh, input_precision="tf32")
+                        m = tl.dot(q_hi, kl, m, input_precision="tf32")
+                        m = tl.dot(q_hi, kh, m, input_precision="tf32")
+                    else:
+                        kk = tl.load(
+                            k_ptr + (base_q + offs_s[:, None]) * N_P + offs_n[None, :], mask=mask_s[:, None], other=0.0
+                        )
+                        m = tl.dot(q, tl.trans(kk * shift[None, :]), input_precision=PRODUCT)
                     acc = _emit(acc, m, out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :], mask_ts, MODE)
             else:
                 for lc in range(lc0, lc1):
@@ -367,7 +393,7 @@ def ssm_kernel(
     # channels per launch: the precomputed factors are two (b, c, L, n_pad) float32 tensors
     chunk = max(1, min(nch, FACTOR_ELEMENTS // (bsz * length * n_pad)))
     if dense:
-        groups, per_prog = chunk, 1
+        groups, per_prog = chunk, max(1, min(DENSE_CHANNELS, chunk))
         out = torch.empty(bsz, nch, length, length, dtype=f32, device=device)
     else:
         # enough programs to fill the GPU; partial sums per channel group, summed (deterministically) after
@@ -383,19 +409,27 @@ def ssm_kernel(
             ch, block, n_pad, cum=cum, rate=rate, read=read, write=write, ws=ws, head_of=head_of.long(),
             lsc=lsc, col=col, rsc=rsc, weight=weight,
         )
-        grid = (tiles.shape[0], bsz, groups if not dense else count)
+        split = FAR_PRODUCT == "split"
+        if split:  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared) and the exact rest
+            kt = k.transpose(-1, -2).contiguous()
+            kh = (kt.view(torch.int32) & -8192).view(torch.float32)
+            kl = kt - kh
+            del kt
+        else:
+            kh = kl = dummy
+        grid = (tiles.shape[0], bsz, math.ceil(count / per_prog) if dense else groups)
         _ssm_kernel[grid](
-            out, tiles, q, k, cum, rate, read, write, ws, head_of,
+            out, tiles, q, k, kh, kl, cum, rate, read, write, ws, head_of,
             skip if skip is not None else dummy, lsc if lsc is not None else dummy,
             rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
-            length, nch, nheads, nstate, c0, count, per_prog if not dense else 1,
+            length, nch, nheads, nstate, c0, count, per_prog,
             out.stride(0), out.stride(1), out.stride(2),
             N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
             HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
             HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT, NEAR_EXACT=near_exact or FORCE_NEAR_EXACT,
-            num_warps=NUM_WARPS,
+            SPLIT=split, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
         )
-        del q, k
+        del q, k, kh, kl
     if dense:
         return out
     if mode == "max_abs":
