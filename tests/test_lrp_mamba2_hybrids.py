@@ -39,9 +39,25 @@ def _nemotron_h_moe():
     return transformers.NemotronHForCausalLM(cfg)
 
 
+def _variant(kind: str, **changes):
+    """``_model(kind)`` with config fields changed."""
+    model = _model(kind)
+    for key, value in changes.items():
+        setattr(model.config, key, value)
+    return type(model)(model.config)
+
+
+VARIANTS = {
+    "nemotron_h_moe": _nemotron_h_moe,
+    # FalconH1's gated norm with the gate before the norm, and without the norm (y ⊙ SiLU(z) in the model's dtype)
+    "falcon_h1_gate_first": lambda: _variant("falcon_h1", mamba_norm_before_gate=False),
+    "falcon_h1_no_norm": lambda: _variant("falcon_h1", mamba_rms_norm=False),
+}
+
+
 def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64, zero_biases: bool = True):
     torch.manual_seed(seed)
-    model = (_nemotron_h_moe() if kind == "nemotron_h_moe" else _model(kind)).to(dtype).eval()
+    model = (VARIANTS[kind]() if kind in VARIANTS else _model(kind)).to(dtype).eval()
     _spread(model, zero_biases)
     for m in model.modules():
         if type(m).__name__ == "GraniteMoeHybridTopKRouter":
@@ -55,13 +71,17 @@ def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64, zero_bia
     return model
 
 
-KINDS = ["bamba", "nemotron_h", "nemotron_h_moe", "granitemoehybrid"]
+KINDS = ["bamba", "nemotron_h", "nemotron_h_moe", "granitemoehybrid", "falcon_h1", "falcon_h1_gate_first",
+         "falcon_h1_no_norm"]
 EXPECTED = {
     "bamba": {"BambaMixer", "BambaAttention", "BambaMLP", "BambaRMSNorm"},
     "nemotron_h": {"NemotronHMamba2Mixer", "NemotronHAttention", "NemotronHMLP", "NemotronHRMSNorm"},
     "nemotron_h_moe": {"NemotronHMoE", "NemotronHExperts"},
     "granitemoehybrid": {"GraniteMoeHybridMambaLayer", "GraniteMoeHybridAttention", "GraniteMoeHybridMLP",
                          "GraniteMoeHybridMoE", "GraniteMoeHybridExperts", "GraniteMoeHybridRMSNorm"},
+    "falcon_h1": {"FalconH1Mixer", "FalconH1Attention", "FalconH1MLP", "FalconH1RMSNorm"},
+    "falcon_h1_gate_first": {"FalconH1Mixer"},
+    "falcon_h1_no_norm": {"FalconH1Mixer"},
 }
 
 
@@ -139,6 +159,9 @@ ABLATIONS = {
     ("nemotron_h_moe", "exact_casts"): CONSERVE,
     **{("granitemoehybrid", r): 1e-3 for r in (*_COMMON, "detach_routing")},
     ("granitemoehybrid", "exact_casts"): CONSERVE,
+    **{("falcon_h1", r): 1e-3 for r in _COMMON},
+    ("falcon_h1", "exact_casts"): CONSERVE,
+    **{("falcon_h1_no_norm", r): 1e-3 for r in ("identity_act", "half_gate")},  # the gate outside the norm
 }
 
 
