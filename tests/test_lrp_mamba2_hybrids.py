@@ -52,7 +52,19 @@ VARIANTS = {
     # FalconH1's gated norm with the gate before the norm, and without the norm (y ⊙ SiLU(z) in the model's dtype)
     "falcon_h1_gate_first": lambda: _variant("falcon_h1", mamba_norm_before_gate=False),
     "falcon_h1_no_norm": lambda: _variant("falcon_h1", mamba_rms_norm=False),
+    # Zamba2 with per-depth LoRA adapters on the shared block and RoPE; then the shared block as ONE instance
+    "zamba2_adapters": lambda: _variant("zamba2", use_shared_attention_adapter=True, use_mem_rope=True),
+    "zamba2_shared": lambda: _share_block(_variant("zamba2", use_shared_attention_adapter=True, use_mem_rope=True)),
 }
+
+
+def _share_block(model):
+    """The same ``Zamba2AttentionDecoderLayer`` instance at every hybrid depth (HF 5.24 builds one instance per
+    depth with tied parameters; the instance then runs several times per forward)."""
+    hybrids = [layer for layer in model.model.layers if hasattr(layer, "shared_transformer")]
+    for layer in hybrids[1:]:
+        layer.shared_transformer = hybrids[0].shared_transformer
+    return model
 
 
 def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64, zero_biases: bool = True):
@@ -72,7 +84,7 @@ def build(kind: str, seed: int = 0, dtype: torch.dtype = torch.float64, zero_bia
 
 
 KINDS = ["bamba", "nemotron_h", "nemotron_h_moe", "granitemoehybrid", "falcon_h1", "falcon_h1_gate_first",
-         "falcon_h1_no_norm"]
+         "falcon_h1_no_norm", "zamba2", "zamba2_adapters", "zamba2_shared"]
 EXPECTED = {
     "bamba": {"BambaMixer", "BambaAttention", "BambaMLP", "BambaRMSNorm"},
     "nemotron_h": {"NemotronHMamba2Mixer", "NemotronHAttention", "NemotronHMLP", "NemotronHRMSNorm"},
@@ -82,6 +94,9 @@ EXPECTED = {
     "falcon_h1": {"FalconH1Mixer", "FalconH1Attention", "FalconH1MLP", "FalconH1RMSNorm"},
     "falcon_h1_gate_first": {"FalconH1Mixer"},
     "falcon_h1_no_norm": {"FalconH1Mixer"},
+    "zamba2": {"Zamba2MambaMixer", "Zamba2Attention", "Zamba2MLP", "Zamba2RMSNorm"},
+    "zamba2_adapters": {"Zamba2Attention", "Zamba2MLP"},
+    "zamba2_shared": {"Zamba2Attention", "Zamba2MLP"},
 }
 
 
@@ -162,6 +177,11 @@ ABLATIONS = {
     **{("falcon_h1", r): 1e-3 for r in _COMMON},
     ("falcon_h1", "exact_casts"): CONSERVE,
     **{("falcon_h1_no_norm", r): 1e-3 for r in ("identity_act", "half_gate")},  # the gate outside the norm
+    **{("zamba2_shared", r): 1e-3 for r in _COMMON},
+    # the shared block's attention logits are small here (scores nearly flat): the ablation moves ~3e-5, far above
+    # the 1e-8 that the rules give
+    ("zamba2_shared", "detach_softmax"): 1e-6,
+    ("zamba2_shared", "exact_casts"): CONSERVE,
 }
 
 
@@ -206,3 +226,36 @@ def test_cached_continuation_refused(kind):
         with GatedLinearComposite().context(model):
             model(ids[:, -1:], use_cache=True, cache=out.cache)
     assert_restored(model, before)
+
+
+# ----------------------------------------------------------------------------- Zamba2's shared block
+@pytest.mark.parametrize("layer_map", ["none", "epsilon"])
+def test_zamba2_shared_instance_equals_tied_copies(layer_map):
+    """One block instance run at two depths gives the relevance of two weight-tied instances, token by token: each
+    call keeps its own held tensors (also with a Zennit rule on every Linear, which saves its input per call)."""
+    import copy
+
+    from captum_implicit.lrp import GIEpsilon
+
+    tied = build("zamba2_adapters", seed=5)
+    shared = _share_block(copy.deepcopy(tied))
+    blocks = [layer.shared_transformer for layer in shared.model.layers if hasattr(layer, "shared_transformer")]
+    assert len(blocks) == 2 and blocks[0] is blocks[1]
+    calls = []
+    handle = blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    ids, target = _ids(2, 11, 5), torch.tensor([4, 8])
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        assert torch.equal(shared(ids, attention_mask=mask, use_cache=False).logits,
+                           tied(ids, attention_mask=mask, use_cache=False).logits)
+    assert len(calls) == 2  # the one instance ran at both depths
+    handle.remove()
+    composite = (lambda: GatedLinearComposite(layer_map=[(torch.nn.Linear, GIEpsilon(1e-9))])) if layer_map == \
+        "epsilon" else GatedLinearComposite
+    R_shared, f, _ = relevance(shared, ids, target, composite(), mask=mask)
+    R_tied, f_tied, _ = relevance(tied, ids, target, composite(), mask=mask)
+    assert torch.equal(f, f_tied)
+    assert torch.allclose(R_shared, R_tied, rtol=0, atol=1e-12 * float(R_tied.abs().max()))
+    if layer_map == "none":
+        assert rel_conservation(R_shared, f) <= CONSERVE
