@@ -19,6 +19,7 @@ from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, GatedLinea
 from captum_implicit.lrp import is_canonized  # noqa: E402
 from captum_implicit.lrp.canonizers import find_lrp_form  # noqa: E402
 
+from conftest import rel_err, requires_cuda  # noqa: E402
 from test_lrp import assert_restored, model_state  # noqa: E402
 from test_lrp_families import _spread, rel_conservation, relevance  # noqa: E402
 from test_mamba2 import _model  # noqa: E402
@@ -259,3 +260,21 @@ def test_zamba2_shared_instance_equals_tied_copies(layer_map):
     assert torch.allclose(R_shared, R_tied, rtol=0, atol=1e-12 * float(R_tied.abs().max()))
     if layer_map == "none":
         assert rel_conservation(R_shared, f) <= CONSERVE
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_canonized_model(kind):
+    """On CUDA transformers may call fused kernels (mamba-ssm's chunk scan, causal-conv1d) for the model's own
+    forward; the LRP forms run HF's torch paths, so logits agree to float32 rounding and relevance conserves to
+    float32 rounding. L = 40 crosses the configs' 16-token SSD chunk twice."""
+    model = build(kind, seed=8, dtype=torch.float32).cuda()
+    ids = _ids(2, 40, 8).cuda()
+    ref = model(ids, use_cache=False).logits
+    with GatedLinearComposite().context(model):
+        out = model(ids, use_cache=False).logits
+    assert rel_err(out, ref) < 1e-4
+    R, f, _ = relevance(model, ids, torch.tensor([1, 2], device="cuda"))
+    assert rel_conservation(R.double(), f.double()) < 1e-4

@@ -122,12 +122,13 @@ def nemotron_h_experts_lrp(
 ) -> Tensor:
     """LRP form of ``NemotronHExperts.forward``: per expert ``down(act(up x))``, routing weights held.
 
-    HF accumulates in the router's dtype (float32, even in a float64 model); the relevance path accumulates in the
-    input's dtype and the value is HF's own forward (whichever experts kernel it dispatches to), joined by
-    :func:`proportional`, so the float32 rounding is absorbed into the gradient.
+    HF accumulates in the router's dtype (float32, even in a float64 model); with ``rules.exact_casts`` the
+    relevance path accumulates in the input's dtype (else in HF's), and the value is HF's own forward (whichever
+    experts kernel it dispatches to), joined by :func:`proportional`, so the float32 rounding is absorbed into the
+    gradient.
     """
     top_k_weights = hold(top_k_weights, rules.detach_routing)
-    final = torch.zeros_like(hidden_states)
+    final = torch.zeros_like(hidden_states, dtype=hidden_states.dtype if rules.exact_casts else top_k_weights.dtype)
     with torch.no_grad():
         expert_mask = F.one_hot(top_k_index, num_classes=module.num_experts + 1).permute(2, 1, 0)
         expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().squeeze(-1)
