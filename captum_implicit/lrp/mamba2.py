@@ -17,6 +17,7 @@ The mixer form recomputes transformers' torch path (``causal_conv1d_fn`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -155,22 +156,57 @@ def mamba2_mixer_lrp(
     """LRP form of ``Mamba2Mixer.forward(hidden_states, cache=None, attention_mask=None, **kwargs)``.
 
     ``hidden_states`` (b, L, hidden) -> (b, L, hidden). Continuing from a cached state is refused.
+    Also the form of the hybrids' copies of this mixer (Bamba, GraniteMoeHybrid, NemotronH).
     """
     if cache is None:
         cache = kwargs.pop("cache_params", None)
+    return mamba2_mixer_core(module, rules, hidden_states, cache, attention_mask)
+
+
+Finish = Callable[[Callable[[torch.dtype], Tensor], Tensor], Tensor]
+
+
+def mamba2_mixer_core(
+    module: nn.Module,
+    rules: GatedLinearRules,
+    hidden_states: Tensor,
+    cache: Any,
+    attention_mask: Tensor | None,
+    *,
+    in_multiplier: float | None = None,
+    proj_multiplier: Tensor | None = None,
+    finish: Finish | None = None,
+) -> Tensor:
+    """The Mamba2 mixer's maths with the LRP rules, shared by the Mamba2 hybrids' mixers.
+
+    Parameters
+    ----------
+    in_multiplier : float, optional
+        Constant scale of the (masked) input before ``in_proj`` (FalconH1's ``ssm_in_multiplier``).
+    proj_multiplier : (1, 1, P) tensor, optional
+        Constant scale of ``in_proj``'s output (FalconH1's ``mup_vector``).
+    finish : callable ``(scan, gate) -> Tensor``, optional
+        From the scan to ``out_proj``'s input: ``scan(compute_dtype)`` gives the scan output
+        (b, L, C) computed in ``compute_dtype``, ``gate`` (b, L, C) is the gate's pre-activation.
+        Default: Mamba2's grouped gated RMSNorm (norm after gate) with its float32 region made exact.
+    """
     idx = module.layer_idx
     if cache is not None and (
         cache.get_conv_state(idx, state_idx=0) is not None or cache.get_recurrent_state(idx, state_idx=0) is not None
     ):
         raise LRPError(
-            f"Mamba2Mixer layer {idx}: the LRP form explains a whole sequence from an empty state; this call "
-            "continues from a cached state. Run the full sequence in one forward (use_cache=False)."
+            f"{type(module).__name__} layer {idx}: the LRP form explains a whole sequence from an empty state; this "
+            "call continues from a cached state. Run the full sequence in one forward (use_cache=False)."
         )
     batch, seq_len, _ = hidden_states.shape
     dtype = hidden_states.dtype
 
     hidden_states = mask_padding(hidden_states, attention_mask)
+    if in_multiplier is not None:
+        hidden_states = hidden_states * in_multiplier
     projected = module.in_proj(hidden_states)
+    if proj_multiplier is not None:
+        projected = projected * proj_multiplier
     A = -torch.exp(module.A_log.float())
     gate, xBC, dt = projected.split([module.intermediate_size, module.conv_dim, module.num_heads], dim=-1)
 
@@ -195,15 +231,21 @@ def mamba2_mixer_lrp(
 
     final: list[Tensor] = []
 
-    def region(compute_dtype: torch.dtype) -> Tensor:
+    def scan(compute_dtype: torch.dtype) -> Tensor:
         y, last = ssd_scan_lrp(x, dt, A, B, C, module.D, module.chunk_size, compute_dtype, rules)
         final.append(last)
-        return gated_norm_lrp(module.norm, y.reshape(batch, seq_len, -1), gate, compute_dtype, rules)
+        return y.reshape(batch, seq_len, -1)
 
-    normed = exact_region(region, x.dtype, torch.float32, rules)
+    if finish is None:
+        def region(compute_dtype: torch.dtype) -> Tensor:
+            return gated_norm_lrp(module.norm, scan(compute_dtype), gate, compute_dtype, rules)
+
+        out = module.norm.weight * exact_region(region, x.dtype, torch.float32, rules)
+    else:
+        out = finish(scan, gate)
     if cache is not None:
         cache.update_recurrent_state(final[0].detach(), layer_idx=idx)  # the model's (float32) state
-    return module.out_proj((module.norm.weight * normed).to(dtype))
+    return module.out_proj(out.to(dtype))
 
 
 def mamba2_block_lrp(

@@ -1,0 +1,108 @@
+"""LRP forms of HF transformers' Zamba2 (Mamba2 layers + one shared transformer block applied at several depths).
+
+Rules:
+
+* ``Zamba2MambaMixer``: the Mamba2 form (:func:`~captum_implicit.lrp.mamba2.mamba2_mixer_lrp`; HF's forward is
+  Mamba2's line for line);
+* ``Zamba2Attention`` (input: the concatenation of the hidden state and the embeddings; optional per-depth LoRA
+  adapters on q, k, v; optional RoPE): softmax probabilities held (q, k detached), linear in V;
+* ``Zamba2MLP``: ``down(act(a) ⊙ b)`` with ``(a, b) = gate_up(x) + adapter(x)``: identity rule on the
+  activation, half rule on the product;
+* ``Zamba2RMSNorm``: scale held (LN rule).
+
+The shared block. HF 5.24 builds one ``Zamba2AttentionDecoderLayer`` per hybrid layer with tied parameters; older
+releases (and user code) may insert the *same instance* at every hybrid depth, so that one module runs several
+times per forward. Both are supported: the forms keep no state on the module (every call's held queries, keys,
+routing and scales live in that call's autograd graph) and the canonizer swaps each instance's forward once,
+however often it appears in the tree; the GI-convention Zennit rules (:class:`~captum_implicit.lrp.rules.GIRule`)
+also save their input per call. The per-depth adapters are picked by the ``layer_idx`` of each call, as in HF.
+
+A call that continues from a cached state is refused (:class:`LRPError`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
+from .common import act, hold
+from .mamba import rms_norm_lrp
+from .mamba2 import mamba2_mixer_lrp
+from .primitives import uniform_rule
+
+_HF = "transformers.models.zamba2.modeling_zamba2"
+
+
+def zamba2_attention_lrp(
+    module: nn.Module,
+    rules: GatedLinearRules,
+    hidden_states: Tensor,
+    layer_idx: int,
+    attention_mask: Tensor | None = None,
+    cache: Any = None,
+    position_embeddings: tuple[Tensor, Tensor] | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """LRP form of ``Zamba2Attention.forward``: (b, L, 2H) -> ((b, L, H), weights); q and k held constant."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.zamba2.modeling_zamba2 import apply_rotary_pos_emb, eager_attention_forward
+
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, module.head_dim)
+    query = module.q_proj(hidden_states)
+    key = module.k_proj(hidden_states)
+    value = module.v_proj(hidden_states)
+    if module.config.use_shared_attention_adapter:
+        adapter = module.layer_dic[layer_idx]  # this depth's adapters (linear)
+        query = query + module.linear_q_adapter_list[adapter](hidden_states)
+        key = key + module.linear_k_adapter_list[adapter](hidden_states)
+        value = value + module.linear_v_adapter_list[adapter](hidden_states)
+    query = query.view(hidden_shape).transpose(1, 2)
+    key = key.view(hidden_shape).transpose(1, 2)
+    value = value.view(hidden_shape).transpose(1, 2)
+    if module.config.use_mem_rope:
+        cos, sin = position_embeddings
+        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
+    if cache is not None:
+        if cache.get_seq_length(layer_idx) > 0:
+            raise LRPError(
+                f"Zamba2Attention at layer {layer_idx}: this call continues from a cached state; run the full "
+                "sequence in one forward (use_cache=False)."
+            )
+        cached_key, _ = cache.update(key.detach(), value.detach(), layer_idx, kwargs=kwargs)
+        if cached_key.shape != key.shape:
+            raise LRPError("Zamba2Attention: the cache changed the key length on a first call")
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+    out, weights = interface(
+        module, query, key, value, attention_mask,
+        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs,
+    )
+    return module.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
+
+
+def zamba2_mlp_lrp(module: nn.Module, rules: GatedLinearRules, hidden_state: Tensor, layer_idx: int | None = None
+                   ) -> Tensor:
+    """LRP form of ``Zamba2MLP.forward``: ``down(act(a) ⊙ b)``, ``(a, b) = gate_up(x) + adapter_depth(x)``."""
+    gate_up = module.gate_up_proj(hidden_state)
+    gate_up = gate_up + module.gate_up_proj_adapter_list[module.layer_dic[layer_idx]](hidden_state)
+    gate, up = gate_up.chunk(2, dim=-1)
+    hidden = act(module.act_fn, gate, rules) * up
+    if rules.half_gate:
+        hidden = uniform_rule(hidden, 2)
+    return module.down_proj(hidden)
+
+
+for _cls, _fwd, _note in [
+    ("Zamba2MambaMixer", mamba2_mixer_lrp,
+     "the Mamba2 form: identity rule on SiLUs, Δ/decays/B/C held, half rule in the gated norm"),
+    ("Zamba2Attention", zamba2_attention_lrp,
+     "softmax probabilities held (q, k detached; per-depth adapters): linear in V; shared block: per-call state"),
+    ("Zamba2MLP", zamba2_mlp_lrp, "identity rule on the activation, half rule on act(a) ⊙ b (per-depth adapters)"),
+    ("Zamba2RMSNorm", rms_norm_lrp, "scale held (LN rule)"),
+]:
+    register_lrp_form(LRPForm(family="zamba2", classes=(f"{_HF}.{_cls}",), forward=_fwd, notes=_note), first=False)
