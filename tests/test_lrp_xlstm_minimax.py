@@ -210,3 +210,190 @@ def test_xlstm_across_hf_chunks():
     ids = torch.randint(1, VOCAB, (1, 70), generator=torch.Generator().manual_seed(9))
     R, f, _ = logit_relevance(model, ids, torch.tensor([4]))
     assert rel_conservation(R, f) <= CONSERVE
+
+
+# ============================================================================= MiniMax
+from transformers import MiniMaxConfig, MiniMaxForCausalLM  # noqa: E402
+
+from captum_implicit.lrp.minimax import lightning_blocks  # noqa: E402
+
+
+def tiny_minimax(seed=0, hidden=8, heads=2, kv_heads=1, head_dim=4, block=4, experts=3, top_k=2,
+                 layers=("linear_attention", "full_attention"), factors=(0.7, 1.3, 1.1, 0.9, 1.2, 0.8),
+                 dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    la, lb, fa, fb, ma, mb = factors  # residual scalings α (residual) and β (branch): constants, tested non-unit
+    cfg = MiniMaxConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=6, num_hidden_layers=len(layers),
+                        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                        num_local_experts=experts, num_experts_per_tok=top_k, block_size=block,
+                        layer_types=list(layers), linear_attn_alpha_factor=la, linear_attn_beta_factor=lb,
+                        full_attn_alpha_factor=fa, full_attn_beta_factor=fb, mlp_alpha_factor=ma, mlp_beta_factor=mb,
+                        tie_word_embeddings=False, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    cfg._experts_implementation = "eager"  # grouped_mm refuses float64 on CPU
+    model = MiniMaxForCausalLM(cfg).to(dtype).eval()
+    _spread(model, True)
+    with torch.no_grad():  # spread every weight and norm so that no branch is negligible
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.normal_(1, 0.3)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.5)
+    return model
+
+
+def test_every_minimax_class_has_a_form():
+    expected = {"MiniMaxLightningAttention", "MiniMaxAttention", "MiniMaxExperts", "MiniMaxSparseMoeBlock",
+                "MiniMaxRMSNorm"}
+    found = {type(m).__name__ for m in tiny_minimax().modules() if find_lrp_form(m) is not None}
+    assert found >= expected, found
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_minimax_canonized_logits_identical(dtype):
+    model = tiny_minimax(seed=1, dtype=dtype)
+    ids = torch.randint(1, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))  # 2 blocks of 4 + 3
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :3] = 0
+    ref = model(ids, attention_mask=mask, use_cache=False).logits
+    ref_cache = model(ids, attention_mask=mask, use_cache=True)
+    with GatedLinearComposite().context(model):
+        assert any(is_canonized(m) for m in model.modules())
+        out = model(ids, attention_mask=mask, use_cache=False).logits
+        out_cache = model(ids, attention_mask=mask, use_cache=True)  # a fresh cache filled as HF fills it
+    assert torch.equal(out, ref) and torch.equal(out_cache.logits, ref_cache.logits)
+    assert torch.equal(out_cache.past_key_values.linear_cache[0], ref_cache.past_key_values.linear_cache[0])
+
+
+def test_lightning_blocks_match_a_dense_decay_attention():
+    """HF's block loop (run by the form) is o_t = Σ_{s≤t} (q_t·k_s) e^{−λ_h (t−s)} v_s: known answer, linear in v."""
+    model = tiny_minimax(seed=0, block=4)
+    layer = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    b, h, L, d = 2, 2, 11, 4
+    q, k, v = (torch.randn(b, h, L, d, generator=g, dtype=torch.float64) for _ in range(3))
+    out, _ = lightning_blocks(layer, q, k, v)
+    t = torch.arange(L, dtype=torch.float64)
+    lag = t[:, None] - t[None, :]
+    decay = torch.where(lag >= 0, torch.exp(-layer.slope_rate * lag.clamp_min(0)), torch.zeros(()))  # (h, L, L)
+    dense = ((q @ k.transpose(-1, -2)) * decay) @ v
+    # HF computes the decay buffers in float32 at __init__ (.to(float64) only widens them): ~1e-7 relative
+    assert float((out - dense).abs().max() / dense.abs().max()) < 1e-6
+    with torch.no_grad():  # the same buffers recomputed in float64: the block loop is the dense formula exactly
+        buffers = {n: getattr(layer, n).clone() for n in ("query_decay", "key_decay", "diagonal_decay")}
+        for n, b64 in zip(buffers, layer.decay_factors(layer.slope_rate)):
+            getattr(layer, n).copy_(b64)
+        exact, _ = lightning_blocks(layer, q, k, v)
+        for n, buf in buffers.items():
+            getattr(layer, n).copy_(buf)
+    assert torch.allclose(exact, dense, rtol=0, atol=1e-12)
+    w = torch.randn(b, h, L, d, generator=g, dtype=torch.float64)
+    assert torch.allclose(lightning_blocks(layer, q, k, 2 * v + w)[0], 2 * out + lightning_blocks(layer, q, k, w)[0],
+                          rtol=0, atol=1e-12)
+
+
+MINIMAX_CONFIG = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "heads": st.sampled_from([1, 2]), "head_dim": st.sampled_from([2, 4]),
+    "block": st.sampled_from([2, 4, 16]), "top_k": st.sampled_from([1, 2]),
+    "layers": st.sampled_from([("linear_attention",), ("linear_attention", "full_attention"),
+                               ("full_attention", "linear_attention", "linear_attention")]),
+})
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(length=st.integers(1, 12), batch=st.integers(1, 2), padded=st.booleans(), data=st.data())
+def test_minimax_conservation_exact(length, batch, padded, data):
+    cfg = data.draw(MINIMAX_CONFIG)
+    model = tiny_minimax(**cfg, kv_heads=1)
+    ids = torch.randint(1, VOCAB, (batch, length))
+    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
+    mask = None
+    if padded:
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, : data.draw(st.integers(0, length - 1))] = 0  # left padding
+    R, f, _ = logit_relevance(model, ids, target, mask=mask)
+    assert R.shape == (batch, length)
+    assert rel_conservation(R, f) <= CONSERVE
+    if mask is not None:  # lightning zeroes padded qkv, softmax masks padded keys: padded positions carry nothing
+        assert torch.all(R[mask == 0] == 0)
+
+
+def test_minimax_has_no_bias_to_absorb():
+    """MiniMax's projections, router and experts are bias-free (HF hard-codes bias=False): Σ R = f is the whole
+    statement, also at HF's own initialisation (no spread weights, unit residual scalings)."""
+    torch.manual_seed(5)
+    cfg = MiniMaxConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=6, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, head_dim=4, num_local_experts=3,
+                        num_experts_per_tok=2, block_size=4, layer_types=["linear_attention", "full_attention"],
+                        tie_word_embeddings=False, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    cfg._experts_implementation = "eager"
+    model = MiniMaxForCausalLM(cfg).double().eval()
+    assert not [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(5))
+    R, f, absorbed = logit_relevance(model, ids, torch.tensor([1, 2]), with_biases=True)
+    assert absorbed == 0 and rel_conservation(R, f) <= CONSERVE
+
+
+def test_minimax_conservation_float32():
+    model = tiny_minimax(seed=3, dtype=torch.float32)
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+    R, f, _ = logit_relevance(model, ids, torch.tensor([1, 2]))
+    assert rel_conservation(R.double(), f) < 1e-4
+
+
+MINIMAX_ABLATIONS = {
+    # rule switched off -> conservation error must exceed this (each rule matters on this model)
+    **{r: 1e-3 for r in ("identity_act", "detach_ssm", "half_gate", "detach_norm", "detach_softmax",
+                         "detach_routing")},
+    "exact_casts": CONSERVE,  # float32 RMSNorms (and the float32 router weights, held): ~1e-7 remains
+}
+
+
+@pytest.mark.parametrize("rule", sorted(MINIMAX_ABLATIONS))
+def test_minimax_ablation_breaks_conservation(rule):
+    model = tiny_minimax(seed=0)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([3, 7])
+    R, f, _ = logit_relevance(model, ids, target)
+    assert rel_conservation(R, f) <= CONSERVE
+    R, f, _ = logit_relevance(model, ids, target, GatedLinearComposite(GatedLinearRules().without(rule)))
+    assert rel_conservation(R, f) > MINIMAX_ABLATIONS[rule]
+
+
+def test_minimax_model_restored_and_captum_class():
+    model = tiny_minimax(seed=4)
+    before = model_state(model)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    with GatedLinearComposite().context(model):
+        model(ids, use_cache=False).logits.sum().backward()
+    model.zero_grad(set_to_none=True)
+    assert_restored(model, before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with GatedLinearComposite().context(model):
+            raise RuntimeError("boom")
+    assert_restored(model, before)
+    R = GatedLinearLRP(model).attribute(ids, target=[2, 9])
+    R_ref, _, _ = logit_relevance(model, ids, torch.tensor([2, 9]))
+    assert torch.allclose(R, R_ref, rtol=0, atol=1e-13)
+    assert_restored(model, before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("layers,first", [(("linear_attention", "full_attention"), "MiniMaxLightningAttention"),
+                                          (("full_attention", "linear_attention"), "MiniMaxAttention")])
+def test_minimax_cached_continuation_refused(layers, first):
+    model = tiny_minimax(seed=2, layers=layers)
+    ids = torch.randint(1, VOCAB, (1, 6))
+    out = model(ids, use_cache=True)
+    before = model_state(model)
+    with pytest.raises(LRPError, match=f"{first} layer 0: this call continues from a cached state"):
+        with GatedLinearComposite().context(model):
+            model(ids[:, -1:], use_cache=True, cache=out.past_key_values)
+    assert_restored(model, before)
+
+
+def test_minimax_across_lightning_blocks():
+    """L = 70 with block 16: five lightning blocks (the inter-block KV state carried four times); still conserves."""
+    model = tiny_minimax(seed=9, block=16, layers=("linear_attention", "full_attention", "linear_attention"))
+    ids = torch.randint(1, VOCAB, (1, 70), generator=torch.Generator().manual_seed(9))
+    R, f, _ = logit_relevance(model, ids, torch.tensor([4]))
+    assert rel_conservation(R, f) <= CONSERVE
