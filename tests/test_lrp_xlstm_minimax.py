@@ -121,8 +121,8 @@ def test_mlstm_parallel_matches_hf_kernels():
 
 XLSTM_CONFIG = st.fixed_dictionaries({
     "seed": st.integers(0, 2**16), "heads": st.sampled_from([1, 2]), "hidden": st.sampled_from([8, 12]),
-    "layers": st.integers(1, 3), "chunk": st.sampled_from([2, 4, 64]), "weight_mode": st.sampled_from(["single",
-                                                                                                      "fused"]),
+    "layers": st.integers(1, 3), "chunk": st.sampled_from([2, 4, 64]),
+    "weight_mode": st.sampled_from(["single", "fused"]),
     "cap": st.sampled_from([3.0, 30.0]),  # HF types it as float (None refused)
 })
 
