@@ -1,0 +1,404 @@
+"""Adapters for flash-linear-attention's layers (``fla.layers``): GLA, HGRN2, RetNet, DeltaNet, Gated DeltaNet.
+
+fla is optional and never imported by this module at import time: classes are registered by
+qualified name, fla's functions are looked up when a capture starts.
+
+Every layer calls its kernel (``chunk_gla``, ``fused_recurrent_gla``, ``chunk_retention``,
+``chunk_delta_rule``, ``chunk_gated_delta_rule`` ...) as a global of its ``fla.layers.*`` module; the
+capture records that call (``functions``) together with the output norm's function call
+(``rms_norm``, ``rms_norm_gated``, HGRN2's fused ``rms_norm_linear``), so the closed forms of
+:mod:`~captum_implicit.layers.gla` and :mod:`~captum_implicit.layers.gated_deltanet` are built from
+exactly the tensors the model used.
+
+On CPU every one of those functions is Triton ("0 active drivers"), and so are fla's rotary
+embedding, swish and short convolution. While a capture runs on CPU tensors, the functions below
+are routed to torch (see :data:`CPU_ROUTES`): the kernels to fla's own naive references
+(``fla.ops.*.naive``, which compute in float32), the norms/rotary/swish to torch equivalents of
+the Triton math. On CUDA tensors nothing is routed: fla's Triton kernels run and are recorded.
+Everything is restored when the capture ends. Configurations that run on CPU:
+``use_short_conv=False`` (``ShortConvolution`` is not routed), ``attention_mask=None`` (fla unpads a
+padded batch into a variable-length one, which the naive references do not take).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..core.capture import Call, Recording
+from ..core.errors import CaptureError
+from ..core.registry import Adapter, register_adapter
+from ..layers.gated_deltanet import DeltaRuleAttention, build_delta_rule_attention
+from ..layers.gla import GLAAttention, build_gla_attention, retention_log_decay
+from ._common import argument, positional
+
+_GLA_KERNELS = ("chunk_gla", "fused_chunk_gla", "fused_recurrent_gla")
+_RET_KERNELS = ("chunk_retention", "fused_chunk_retention", "parallel_retention", "fused_recurrent_retention")
+_DN_KERNELS = ("chunk_delta_rule", "fused_recurrent_delta_rule")
+_GDN_KERNELS = ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")
+_RMS = "fla.modules.norm.layernorm.rms_norm"  # fla.modules.RMSNorm.forward
+_RMS_GATED = "fla.modules.norm.fused_norm_gate.rms_norm_gated"  # fla.modules.FusedRMSNormGated.forward
+_ROTARY = "fla.modules.rotary.ops.rotary_embedding"  # fla.modules.rotary.RotaryEmbedding.forward
+
+
+# ---------------------------------------------------------------- torch versions used on CPU
+def _refuse(cu_seqlens: Any = None, initial_state: Any = None) -> None:
+    if cu_seqlens is not None:
+        raise CaptureError(
+            "fla layer on CPU: a padded / packed (cu_seqlens) batch reached the kernel; fla's naive references "
+            "take no variable-length input. Pass attention_mask=None (or run on a GPU)."
+        )
+    if initial_state is not None:
+        raise CaptureError("fla layer: the layer continued from a cached state; explain the full sequence with "
+                           "use_cache=False")
+
+
+def _norm_dtype(x: Tensor) -> torch.dtype:
+    """fla's Triton norms compute in float32; float64 inputs stay float64 on CPU."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _rms_factor(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    """``w · rsqrt(mean(x²) + eps)`` over the last dim, in the norm's compute dtype (``x``'s shape)."""
+    dt = _norm_dtype(x)
+    xf = x.to(dt)
+    factor = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps).expand_as(xf)
+    return factor * weight.to(dt) if weight is not None else factor
+
+
+def _activate(gate: Tensor, activation: str) -> Tensor:
+    g = gate.to(_norm_dtype(gate))
+    return torch.sigmoid(g) if activation == "sigmoid" else F.silu(g)
+
+
+def _torch_rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False, **_):
+    if residual is not None or prenorm:
+        raise CaptureError("fla RMSNorm with a residual/prenorm is not routed on CPU")
+    y = x.to(_norm_dtype(x)) * _rms_factor(x, weight, eps)
+    if bias is not None:
+        y = y + bias
+    return y.to(x.dtype)
+
+
+def _torch_rms_norm_gated(x, g, weight, bias, activation="swish", residual=None, prenorm=False,
+                          residual_in_fp32=False, eps=1e-6, **_):
+    if residual is not None or prenorm or bias is not None:
+        raise CaptureError("fla FusedRMSNormGated with a residual/prenorm/bias is not routed on CPU")
+    return (x.to(_norm_dtype(x)) * _rms_factor(x, weight, eps) * _activate(g, activation)).to(x.dtype)
+
+
+def _torch_rms_norm_linear(x, norm_weight, norm_bias, linear_weight, linear_bias, residual=None, eps=1e-5,
+                           prenorm=False, residual_in_fp32=False, **_):
+    y = _torch_rms_norm(x, norm_weight, norm_bias, residual, eps, prenorm)
+    return F.linear(y.to(linear_weight.dtype), linear_weight, linear_bias)
+
+
+def _torch_rotary(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None, **_):
+    from fla.modules.rotary.ops import rotary_embedding_ref
+
+    _refuse(cu_seqlens)
+    if not isinstance(seqlen_offsets, int):
+        raise CaptureError("fla rotary embedding with per-sequence offsets is not routed on CPU")
+    length = x.shape[1]
+    cos, sin = cos[seqlen_offsets : seqlen_offsets + length], sin[seqlen_offsets : seqlen_offsets + length]
+    return rotary_embedding_ref(x, cos.to(x.dtype), sin.to(x.dtype), interleaved)
+
+
+def _torch_gla(q, k, v, g=None, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
+               reverse=False, state_v_first=False, cu_seqlens=None, **_):
+    from fla.ops.gla.naive import naive_recurrent_gla
+
+    _refuse(cu_seqlens, initial_state)
+    if gv is not None or reverse:
+        raise CaptureError("fla GLA kernel with gv / reverse is not routed on CPU")
+    dk = q.shape[-1]
+    if scale is not None:  # naive_recurrent_gla hard-codes dk^{-1/2}
+        q = q * (scale * dk**0.5)
+    o, state = naive_recurrent_gla(q, k, v, g if g is not None else gk, None, output_final_state)
+    if state is not None and state_v_first:
+        state = state.transpose(-1, -2)
+    return o, state
+
+
+def _torch_retention(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None, **_):
+    from fla.ops.retention.naive import naive_retention
+
+    _refuse(cu_seqlens, initial_state)
+    if output_final_state:
+        raise CaptureError("fla retention on CPU: explain with use_cache=False (the naive reference keeps no state)")
+    if scale is not None:  # naive_retention hard-codes dk^{-1/2}
+        q = q * (scale * q.shape[-1] ** 0.5)
+    o = naive_retention(*(x.transpose(1, 2) for x in (q, k, v)))
+    return o.transpose(1, 2), None
+
+
+def _l2(x: Tensor) -> Tensor:
+    """fla's ``l2norm``: ``x · rsqrt(Σx² + 1e-6)``."""
+    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
+
+
+def _torch_delta_rule(q, k, v, beta=None, scale=None, initial_state=None, output_final_state=False,
+                      use_qk_l2norm_in_kernel=False, cu_seqlens=None, **_):
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+
+    _refuse(cu_seqlens, initial_state)
+    if use_qk_l2norm_in_kernel:
+        q, k = _l2(q.float()).to(q.dtype), _l2(k.float()).to(k.dtype)
+    if scale is not None:  # delta_rule_recurrence hard-codes dk^{-1/2}
+        q = q * (scale * q.shape[-1] ** 0.5)
+    beta = torch.ones_like(q[..., 0]) if beta is None else beta
+    o, state = delta_rule_recurrence(*(x.transpose(1, 2) for x in (q, k, v, beta)), None, output_final_state)
+    return o.transpose(1, 2), state
+
+
+def gdn_kernel_inputs(arguments: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(q, k, v, g, β)`` as the gated delta rule sees them after the kernel's in-kernel transforms.
+
+    ``use_gate_in_kernel``: ``g = −exp(A_log)·softplus(g + dt_bias)`` (fla's ``naive_gdn_gate``);
+    ``use_beta_sigmoid_in_kernel``: ``β = σ(β)``; ``allow_neg_eigval``: ``β ← 2β``;
+    ``use_qk_l2norm_in_kernel`` is left to the caller. Float32, as in the kernels.
+    """
+    from fla.ops.gated_delta_rule.gate import naive_gdn_gate
+
+    q, k, v = arguments["q"], arguments["k"], arguments["v"]
+    g, beta = arguments.get("g"), arguments.get("beta")
+    if arguments.get("gk") is not None or arguments.get("gv") is not None:
+        raise CaptureError("fla gated delta rule with per-channel gates (gk/gv) is not supported")
+    if arguments.get("use_gate_in_kernel", False):
+        g = naive_gdn_gate(g, arguments["A_log"], arguments.get("dt_bias"))
+    beta = torch.ones_like(q[..., 0]) if beta is None else beta.float()
+    if arguments.get("use_beta_sigmoid_in_kernel", False):
+        beta = beta.sigmoid()
+    if arguments.get("allow_neg_eigval", False):
+        beta = beta * 2
+    return q, k, v, g.float(), beta
+
+
+def _torch_gated_delta_rule(*args, **kwargs):
+    from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
+
+    names = ("q", "k", "v", "g", "beta")
+    arguments = {**dict(zip(names, args, strict=False)), **kwargs}
+    _refuse(arguments.get("cu_seqlens"), arguments.get("initial_state"))
+    q, k, v, g, beta = gdn_kernel_inputs(arguments)
+    if arguments.get("use_qk_l2norm_in_kernel", False):
+        q, k = _l2(q.float()), _l2(k.float())
+    final = bool(arguments.get("output_final_state", False))
+    o, state = naive_recurrent_gated_delta_rule(q, k, v, beta, g, arguments.get("scale"), None, final)
+    if state is not None and arguments.get("state_v_first", False):
+        state = state.transpose(-1, -2)
+    return o.to(v.dtype), state
+
+
+def _swish(x: Tensor) -> Tensor:
+    return F.silu(x)
+
+
+#: fla globals routed to torch while a capture runs on CPU tensors (qualified name -> torch version).
+CPU_ROUTES: dict[str, Callable] = {
+    **{f"fla.layers.gla.{k}": _torch_gla for k in _GLA_KERNELS},
+    **{f"fla.layers.hgrn2.{k}": _torch_gla for k in _GLA_KERNELS},
+    "fla.layers.hgrn2.swish": _swish,
+    "fla.layers.hgrn2.rms_norm_linear": _torch_rms_norm_linear,
+    **{f"fla.layers.multiscale_retention.{k}": _torch_retention for k in _RET_KERNELS},
+    **{f"fla.layers.delta_net.{k}": _torch_delta_rule for k in _DN_KERNELS},
+    **{f"fla.layers.gated_deltanet.{k}": _torch_gated_delta_rule for k in _GDN_KERNELS},
+    _RMS: _torch_rms_norm,
+    _RMS_GATED: _torch_rms_norm_gated,
+    _ROTARY: _torch_rotary,
+}
+
+
+def _first_tensor_on_cpu(args: tuple, kwargs: dict) -> bool:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            return a.device.type == "cpu"
+    return False
+
+
+def _route(original: Callable, torch_version: Callable) -> Callable:
+    @functools.wraps(original)  # the capture binds recorded arguments to the original's signature
+    def routed(*args: Any, **kwargs: Any) -> Any:
+        fn = torch_version if _first_tensor_on_cpu(args, kwargs) else original
+        return fn(*args, **kwargs)
+
+    routed._captum_implicit_route = True  # type: ignore[attr-defined]
+    return routed
+
+
+def route_to_torch_on_cpu(model: nn.Module) -> Callable[[], None]:
+    """Install :data:`CPU_ROUTES` (on CPU tensors only); returns the undo. Idempotent per capture."""
+    undo: list[Callable[[], None]] = []
+    for qualified, torch_version in CPU_ROUTES.items():
+        mod_name, _, fn_name = qualified.rpartition(".")
+        try:
+            module = importlib.import_module(mod_name)
+        except Exception:
+            continue
+        original = getattr(module, fn_name, None)
+        if original is None or getattr(original, "_captum_implicit_route", False):
+            continue
+        setattr(module, fn_name, _route(original, torch_version))
+        undo.append(functools.partial(setattr, module, fn_name, original))
+
+    def restore() -> None:
+        for fn in reversed(undo):
+            fn()
+
+    return restore
+
+
+def _cpu_gate_fn(module: nn.Module) -> Callable[[], None]:
+    """GLA's unfused output gate ``gate_fn`` is fla's Triton swish: use ``F.silu`` on a CPU module."""
+    fn = getattr(module, "gate_fn", None)
+    on_cpu = any(p.device.type == "cpu" for p in module.parameters())
+    if fn is None or not on_cpu or fn is not importlib.import_module("fla.modules.activations").ACT2FN.get("swish"):
+        return lambda: None
+    had = "gate_fn" in module.__dict__
+    module.gate_fn = F.silu
+
+    def undo() -> None:
+        if had:
+            module.gate_fn = fn
+        else:
+            del module.gate_fn
+
+    return undo
+
+
+# ---------------------------------------------------------------- reading a recording
+def _kernel_call(rec: Recording, names: tuple[str, ...]) -> Call:
+    calls = [c for c in rec.calls if c.name in names]
+    if not calls:
+        rec.call(names[0])  # raises the standard capture error
+    call = calls[0]
+    _refuse(argument(call, "cu_seqlens"), argument(call, "initial_state"))
+    return call
+
+
+def _output_row_scale(module: nn.Module, rec: Recording, dtype: torch.dtype) -> Tensor | None:
+    """The output norm (and gate) between kernel and ``o_proj`` as a frozen per-channel factor ``(b, C, L)``.
+
+    ``rms_norm_gated(o, g)``: ``w · rsqrt(mean o² + eps) · act(g)`` per head; ``rms_norm(o)``: the same
+    without the gate, times the unfused output gate ``gate_fn(g_proj(x))`` when the layer has one;
+    HGRN2's ``rms_norm_linear(o)``: one norm over all channels.
+    """
+    gated = rec.calls_of("rms_norm_gated")
+    plain = rec.calls_of("rms_norm") or rec.calls_of("rms_norm_linear")
+    if gated:
+        a = gated[0].arguments
+        x = a["x"]
+        factor = _rms_factor(x, a["weight"], float(a.get("eps", 1e-6))) * _activate(a["g"], a.get("activation", "swish"))
+    elif plain:
+        a = plain[0].arguments
+        x = a["x"]
+        factor = _rms_factor(x, a.get("weight", a.get("norm_weight")), float(a.get("eps", 1e-5)))
+        if getattr(module, "use_output_gate", False):  # GLA / RetNet with fuse_norm=False: o ← norm(o)·gate_fn(g)
+            gate = module.gate_fn(module.g_proj(rec.args[0] if rec.args else rec.kwargs["hidden_states"]))
+            factor = factor.reshape(*gate.shape) * gate.to(factor.dtype)
+    else:
+        return None
+    bsz, length = x.shape[:2]
+    return factor.reshape(bsz, length, -1).transpose(1, 2).to(dtype)
+
+
+def _dtype(value: Tensor) -> torch.dtype:
+    return torch.float64 if value.dtype == torch.float64 else torch.float32
+
+
+def build_gla(module: nn.Module, rec: Recording, name: str) -> GLAAttention:
+    call = _kernel_call(rec, _GLA_KERNELS)
+    q, k, v = positional(call, 3)
+    g = argument(call, "g", "gk")
+    if g is None or argument(call, "gv") is not None:
+        raise CaptureError(f"layer {name!r}: expected a GLA kernel call with a key-channel log-decay")
+    family = "hgrn2" if type(module).__name__ == "HGRN2Attention" else "gla"
+    return build_gla_attention(
+        name, query=q, key=k, value=v, log_decay=g, scale=argument(call, "scale"),
+        row_scale=_output_row_scale(module, rec, _dtype(v)), module_type=type(module).__name__, family=family,
+    )
+
+
+def build_retention(module: nn.Module, rec: Recording, name: str) -> GLAAttention:
+    call = _kernel_call(rec, _RET_KERNELS)
+    q, k, v = positional(call, 3)
+    bsz, length, heads = q.shape[:3]
+    decay = retention_log_decay(heads).to(q.device)[None, None, :].expand(bsz, length, heads)
+    return build_gla_attention(
+        name, query=q, key=k, value=v, log_decay=decay, scale=argument(call, "scale"),
+        row_scale=_output_row_scale(module, rec, _dtype(v)), module_type=type(module).__name__, family="retnet",
+    )
+
+
+def _delta_attention(name: str, module: nn.Module, rec: Recording, q, k, v, g, beta, l2: bool, scale) -> DeltaRuleAttention:
+    if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12 * scale:
+        raise CaptureError(f"layer {name!r}: delta-rule kernel called with a non-default scale {scale}")
+    attn = build_delta_rule_attention(
+        name, cls=DeltaRuleAttention, query=q, key=k, value=v, g=g, beta=beta, use_l2norm=l2,
+        norm_out=None, norm_gate=None, norm_weight=None, norm_eps=0.0, norm_activation="silu",
+        module_type=type(module).__name__,
+    )
+    attn.row_scale = _output_row_scale(module, rec, attn.dtype)
+    return attn
+
+
+def build_delta_net(module: nn.Module, rec: Recording, name: str) -> DeltaRuleAttention:
+    call = _kernel_call(rec, _DN_KERNELS)
+    q, k, v = positional(call, 3)
+    beta = argument(call, "beta")
+    beta = torch.ones_like(q[..., 0]) if beta is None else beta
+    g = torch.zeros_like(beta, dtype=torch.float32)  # DeltaNet: the delta rule without decay
+    l2 = bool(argument(call, "use_qk_l2norm_in_kernel", default=False))
+    return _delta_attention(name, module, rec, q, k, v, g, beta, l2, argument(call, "scale"))
+
+
+def build_gated_delta_net(module: nn.Module, rec: Recording, name: str) -> DeltaRuleAttention:
+    call = _kernel_call(rec, _GDN_KERNELS)
+    arguments = dict(call.arguments)
+    arguments.update(zip(("q", "k", "v"), positional(call, 3), strict=False))
+    q, k, v, g, beta = gdn_kernel_inputs(arguments)
+    l2 = bool(arguments.get("use_qk_l2norm_in_kernel", False))
+    return _delta_attention(name, module, rec, q, k, v, g, beta, l2, arguments.get("scale"))
+
+
+_NORMS = (_RMS, _RMS_GATED)
+_CPU = "yes (use_short_conv=False, no attention_mask; kernels routed to fla's float32 naive references)"
+_GPU = "fla Triton kernels (tests written; run by the lead)"
+for _cls, _build, _kernels, _extra, _out, _notes in [
+    ("fla.layers.gla.GatedLinearAttention", build_gla, [f"fla.layers.gla.{k}" for k in _GLA_KERNELS], (),
+     "o_proj", "values v; output norm (+ swish gate) a frozen row scale; fuse_norm either way"),
+    ("fla.layers.hgrn2.HGRN2Attention", build_gla, [f"fla.layers.hgrn2.{k}" for k in _GLA_KERNELS],
+     ("fla.layers.hgrn2.rms_norm_linear",), None,
+     "GLA with k = 1 − e^g; values i; the fused rms_norm_linear's norm is a frozen row scale (o_proj is "
+     "never called as a module: output() is the input of its weight)"),
+    ("fla.layers.multiscale_retention.MultiScaleRetention", build_retention,
+     [f"fla.layers.multiscale_retention.{k}" for k in _RET_KERNELS], (), "o_proj",
+     "fixed per-head decay; q, k after rotary; output norm (+ gate) a frozen row scale"),
+    ("fla.layers.delta_net.DeltaNet", build_delta_net, [f"fla.layers.delta_net.{k}" for k in _DN_KERNELS], (),
+     "o_proj", "delta rule with zero decay; l2-normalised q, k; o_norm a frozen row scale"),
+    ("fla.layers.gated_deltanet.GatedDeltaNet", build_gated_delta_net,
+     [f"fla.layers.gated_deltanet.{k}" for k in _GDN_KERNELS], (), "o_proj",
+     "in-kernel gate −exp(A_log)·softplus(a + dt_bias), σ(β) (×2 with allow_neg_eigval); o_norm a frozen row scale"),
+]:
+    register_adapter(
+        Adapter(
+            family="gla" if "Delta" not in _cls else "gated_deltanet",
+            classes=(_cls,),
+            build=_build,
+            functions=(*_kernels, *_extra, *_NORMS),
+            output_module=_out,
+            prepare=_cpu_gate_fn,
+            prepare_model=route_to_torch_on_cpu,
+            cpu=_CPU,
+            padding="refused (fla unpads to cu_seqlens; pass attention_mask=None)",
+            gpu=_GPU,
+            notes=_notes,
+        ),
+        first=False,
+    )
