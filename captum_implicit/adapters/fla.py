@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from ..core.capture import Call, Recording
 from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
-from ..layers.gated_deltanet import DeltaRuleAttention, build_delta_rule_attention
+from ..layers.gated_deltanet import DeltaRuleAttention, build_delta_rule_attention, l2_normalise
 from ..layers.gla import GLAAttention, build_gla_attention, retention_log_decay
 from ._common import argument, positional
 
@@ -45,6 +45,8 @@ _GDN_KERNELS = ("chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule")
 _RMS = "fla.modules.norm.layernorm.rms_norm"  # fla.modules.RMSNorm.forward
 _RMS_GATED = "fla.modules.norm.fused_norm_gate.rms_norm_gated"  # fla.modules.FusedRMSNormGated.forward
 _ROTARY = "fla.modules.rotary.ops.rotary_embedding"  # fla.modules.rotary.RotaryEmbedding.forward
+_GROUP_NORM = "fla.modules.norm.layernorm.group_norm"  # fla.modules.GroupNorm.forward (RWKV-6)
+_RWKV6_KERNELS = ("chunk_rwkv6", "fused_recurrent_rwkv6")
 
 
 # ---------------------------------------------------------------- torch versions used on CPU
@@ -99,6 +101,47 @@ def _torch_rms_norm_linear(x, norm_weight, norm_bias, linear_weight, linear_bias
     return F.linear(y.to(linear_weight.dtype), linear_weight, linear_bias)
 
 
+def _torch_group_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False,
+                      is_rms_norm=False, num_groups=1, **_):
+    if residual is not None or prenorm:
+        raise CaptureError("fla GroupNorm with a residual/prenorm is not routed on CPU")
+    factor, centered = _group_norm_parts(x, weight, eps, is_rms_norm, num_groups)
+    y = centered * factor
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype)
+
+
+def _group_norm_parts(x: Tensor, weight: Tensor | None, eps: float, is_rms_norm: bool, groups: int):
+    """fla's group norm ``w · (x − mean_g x) · rsqrt(mean_g (x − mean_g x)² + eps) + b`` as
+    ``(factor, centered)``, both ``x``'s shape, in the norm's compute dtype (no centering for RMS)."""
+    dt = _norm_dtype(x)
+    xg = x.to(dt).unflatten(-1, (groups, -1))
+    if not is_rms_norm:
+        xg = xg - xg.mean(-1, keepdim=True)
+    factor = torch.rsqrt(xg.square().mean(-1, keepdim=True) + eps).expand_as(xg).flatten(-2)
+    return (factor * weight.to(dt) if weight is not None else factor), xg.flatten(-2)
+
+
+def _torch_token_shift(x, cu_seqlens=None, **_):
+    from fla.modules.token_shift import token_shift_ref
+
+    _refuse(cu_seqlens)
+    return token_shift_ref(x)
+
+
+def _torch_rwkv6(r, k, v, w, u, scale=None, initial_state=None, output_final_state=False, reverse=False,
+                 cu_seqlens=None, **_):
+    from fla.ops.rwkv6.recurrent_naive import naive_recurrent_rwkv6
+
+    _refuse(cu_seqlens, initial_state)
+    if reverse:
+        raise CaptureError("fla RWKV-6 kernel with reverse=True is not routed on CPU")
+    o, state = naive_recurrent_rwkv6(*(x.transpose(1, 2) for x in (r, k, v, w)), u, scale, None,
+                                     output_final_state)
+    return o.transpose(1, 2), state
+
+
 def _torch_rotary(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0, cu_seqlens=None, **_):
     from fla.modules.rotary.ops import rotary_embedding_ref
 
@@ -138,9 +181,11 @@ def _torch_retention(q, k, v, scale=None, initial_state=None, output_final_state
     return o.transpose(1, 2), None
 
 
-def _l2(x: Tensor) -> Tensor:
-    """fla's ``l2norm``: ``x · rsqrt(Σx² + 1e-6)``."""
-    return x * torch.rsqrt(x.square().sum(-1, keepdim=True) + 1e-6)
+def _delta_qk(q: Tensor, k: Tensor, l2: bool) -> tuple[Tensor, Tensor]:
+    """q, k as the delta-rule closed form takes them: rounded to float32 (as the kernels load them), then
+    l2-normalised in float64 (fla's ``l2norm``: ``x · rsqrt(Σx² + 1e-6)``), so router and closed form agree."""
+    q, k = q.float().double(), k.float().double()
+    return (l2_normalise(q), l2_normalise(k)) if l2 else (q, k)
 
 
 def _torch_delta_rule(q, k, v, beta=None, scale=None, initial_state=None, output_final_state=False,
@@ -148,13 +193,12 @@ def _torch_delta_rule(q, k, v, beta=None, scale=None, initial_state=None, output
     from fla.ops.delta_rule.naive import delta_rule_recurrence
 
     _refuse(cu_seqlens, initial_state)
-    if use_qk_l2norm_in_kernel:
-        q, k = _l2(q.float()).to(q.dtype), _l2(k.float()).to(k.dtype)
+    q, k = _delta_qk(q, k, use_qk_l2norm_in_kernel)
     if scale is not None:  # delta_rule_recurrence hard-codes dk^{-1/2}
         q = q * (scale * q.shape[-1] ** 0.5)
-    beta = torch.ones_like(q[..., 0]) if beta is None else beta
+    beta = torch.ones_like(v[..., 0]) if beta is None else beta.float()
     o, state = delta_rule_recurrence(*(x.transpose(1, 2) for x in (q, k, v, beta)), None, output_final_state)
-    return o.transpose(1, 2), state
+    return o.transpose(1, 2).to(v.dtype), state
 
 
 def gdn_kernel_inputs(arguments: dict) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -187,8 +231,7 @@ def _torch_gated_delta_rule(*args, **kwargs):
     arguments = {**dict(zip(names, args, strict=False)), **kwargs}
     _refuse(arguments.get("cu_seqlens"), arguments.get("initial_state"))
     q, k, v, g, beta = gdn_kernel_inputs(arguments)
-    if arguments.get("use_qk_l2norm_in_kernel", False):
-        q, k = _l2(q.float()), _l2(k.float())
+    q, k = _delta_qk(q, k, bool(arguments.get("use_qk_l2norm_in_kernel", False)))
     final = bool(arguments.get("output_final_state", False))
     o, state = naive_recurrent_gated_delta_rule(q, k, v, beta, g, arguments.get("scale"), None, final)
     if state is not None and arguments.get("state_v_first", False):
@@ -209,6 +252,9 @@ CPU_ROUTES: dict[str, Callable] = {
     **{f"fla.layers.multiscale_retention.{k}": _torch_retention for k in _RET_KERNELS},
     **{f"fla.layers.delta_net.{k}": _torch_delta_rule for k in _DN_KERNELS},
     **{f"fla.layers.gated_deltanet.{k}": _torch_gated_delta_rule for k in _GDN_KERNELS},
+    **{f"fla.layers.rwkv6.{k}": _torch_rwkv6 for k in _RWKV6_KERNELS},
+    "fla.layers.rwkv6.token_shift": _torch_token_shift,
+    _GROUP_NORM: _torch_group_norm,
     _RMS: _torch_rms_norm,
     _RMS_GATED: _torch_rms_norm_gated,
     _ROTARY: _torch_rotary,
@@ -254,22 +300,44 @@ def route_to_torch_on_cpu(model: nn.Module) -> Callable[[], None]:
     return restore
 
 
-def _cpu_gate_fn(module: nn.Module) -> Callable[[], None]:
-    """GLA's unfused output gate ``gate_fn`` is fla's Triton swish: use ``F.silu`` on a CPU module."""
-    fn = getattr(module, "gate_fn", None)
-    on_cpu = any(p.device.type == "cpu" for p in module.parameters())
-    if fn is None or not on_cpu or fn is not importlib.import_module("fla.modules.activations").ACT2FN.get("swish"):
+def record_gate(module: nn.Module) -> Callable[[], None]:
+    """Wrap an unfused output gate ``gate_fn`` (a plain function) so that the capture can read its output.
+
+    GLA / RWKV-6 (fla's ``ACT2FN``, whose ``swish`` is Triton: ``F.silu`` on a CPU module) keep it as
+    a plain attribute; the wrapper keeps the outputs in ``.outputs``. A gate that is an ``nn.Module``
+    (RetNet's transformers activation) is a submodule and is recorded through ``submodule_inputs``.
+    """
+    fn = module.__dict__.get("gate_fn")
+    if fn is None or isinstance(fn, nn.Module) or not callable(fn):
         return lambda: None
-    had = "gate_fn" in module.__dict__
-    module.gate_fn = F.silu
+    swish = importlib.import_module("fla.modules.activations").ACT2FN.get("swish")
+    on_cpu = any(p.device.type == "cpu" for p in module.parameters())
+    impl = F.silu if (on_cpu and fn is swish) else fn
+
+    def gate_fn(x: Tensor) -> Tensor:
+        out = impl(x)
+        gate_fn.outputs.append(out)  # type: ignore[attr-defined]
+        return out
+
+    gate_fn.outputs = []  # type: ignore[attr-defined]
+    gate_fn.captum_implicit_gate = True  # type: ignore[attr-defined]
+    module.gate_fn = gate_fn
 
     def undo() -> None:
-        if had:
-            module.gate_fn = fn
-        else:
-            del module.gate_fn
+        module.gate_fn = fn
 
     return undo
+
+
+def _gate_value(module: nn.Module, rec: Recording) -> Tensor:
+    """The unfused output gate ``gate_fn(g)`` of this forward, ``(b, L, C)``."""
+    fn = module.__dict__.get("gate_fn")
+    if getattr(fn, "captum_implicit_gate", False) and fn.outputs:
+        return fn.outputs[-1]
+    recorded = rec.submodule_inputs.get("gate_fn")
+    if recorded:
+        return module.gate_fn(recorded[-1][0])
+    raise CaptureError(f"layer {rec.name!r}: the output gate gate_fn was not observed")
 
 
 # ---------------------------------------------------------------- reading a recording
@@ -300,7 +368,7 @@ def _output_row_scale(module: nn.Module, rec: Recording, dtype: torch.dtype) -> 
         x = a["x"]
         factor = _rms_factor(x, a.get("weight", a.get("norm_weight")), float(a.get("eps", 1e-5)))
         if getattr(module, "use_output_gate", False):  # GLA / RetNet with fuse_norm=False: o ← norm(o)·gate_fn(g)
-            gate = module.gate_fn(module.g_proj(rec.args[0] if rec.args else rec.kwargs["hidden_states"]))
+            gate = _gate_value(module, rec)
             factor = factor.reshape(*gate.shape) * gate.to(factor.dtype)
     else:
         return None
@@ -367,6 +435,47 @@ def build_gated_delta_net(module: nn.Module, rec: Recording, name: str) -> Delta
     return _delta_attention(name, module, rec, q, k, v, g, beta, l2, arguments.get("scale"))
 
 
+class GLAWithNormBias(GLAAttention):
+    """GLA whose output norm adds a bias: ``offset = gate · b`` (RWKV-6's GroupNorm), ``(b, C, L, 1)``."""
+
+    norm_offset: Tensor | None = None
+
+    def _compute_offset(self) -> Tensor | None:
+        return self.norm_offset
+
+
+def build_rwkv6(module: nn.Module, rec: Recording, name: str) -> GLAAttention:
+    """RWKV-6: ``o_proj(GroupNorm(o) · gate)`` with per-head GroupNorm (σ frozen).
+
+    The values of a head share its matrix, so the GroupNorm's centering commutes with it
+    (``o − mean_h o = A (v − mean_h v)``): values are ``v`` centered per head, the row scale is
+    ``gate · w / σ`` and the offset ``gate · b`` (as for xLSTM's mLSTM).
+    """
+    call = _kernel_call(rec, _RWKV6_KERNELS)
+    r, k, v, w, u = positional(call, 5)
+    norms = rec.calls_of("group_norm")
+    if not norms:
+        rec.call("group_norm")
+    a = norms[0].arguments
+    groups, rms = int(a.get("num_groups", 1)), bool(a.get("is_rms_norm", False))
+    bsz, length, heads, dv = v.shape
+    if groups != heads:
+        raise CaptureError(f"layer {name!r}: GroupNorm with {groups} groups over {heads} heads is not supported")
+    dtype = _dtype(v)
+    factor, _ = _group_norm_parts(a["x"], a["weight"], float(a.get("eps", 1e-5)), rms, groups)
+    gate = _gate_value(module, rec).to(factor.dtype)
+    values = v if rms else v.to(dtype) - v.to(dtype).mean(-1, keepdim=True)
+    attn = build_gla_attention(
+        name, query=r, key=k, value=values, log_decay=w, scale=argument(call, "scale"), bonus=u,
+        row_scale=(factor * gate).transpose(1, 2).to(dtype), module_type=type(module).__name__,
+        family="rwkv6", cls=GLAWithNormBias,
+    )
+    bias = a.get("bias")
+    if bias is not None:
+        attn.norm_offset = (gate * bias.to(gate.dtype)).transpose(1, 2).to(dtype)[..., None]
+    return attn
+
+
 _NORMS = (_RMS, _RMS_GATED)
 _CPU = "yes (use_short_conv=False, no attention_mask; kernels routed to fla's float32 naive references)"
 _GPU = "fla Triton kernels (tests written; run by the lead)"
@@ -380,6 +489,10 @@ for _cls, _build, _kernels, _extra, _out, _notes in [
     ("fla.layers.multiscale_retention.MultiScaleRetention", build_retention,
      [f"fla.layers.multiscale_retention.{k}" for k in _RET_KERNELS], (), "o_proj",
      "fixed per-head decay; q, k after rotary; output norm (+ gate) a frozen row scale"),
+    ("fla.layers.rwkv6.RWKV6Attention", build_rwkv6, [f"fla.layers.rwkv6.{k}" for k in _RWKV6_KERNELS],
+     (_GROUP_NORM,), "o_proj",
+     "decay read before the step, bonus u, scale 1; values v centered per head (GroupNorm, σ frozen); "
+     "gate·w/σ row scale, gate·b offset; attention_mask multiplies the inputs (no unpadding)"),
     ("fla.layers.delta_net.DeltaNet", build_delta_net, [f"fla.layers.delta_net.{k}" for k in _DN_KERNELS], (),
      "o_proj", "delta rule with zero decay; l2-normalised q, k; o_norm a frozen row scale"),
     ("fla.layers.gated_deltanet.GatedDeltaNet", build_gated_delta_net,
@@ -393,7 +506,8 @@ for _cls, _build, _kernels, _extra, _out, _notes in [
             build=_build,
             functions=(*_kernels, *_extra, *_NORMS),
             output_module=_out,
-            prepare=_cpu_gate_fn,
+            prepare=record_gate,
+            submodule_inputs=("gate_fn",),
             prepare_model=route_to_torch_on_cpu,
             cpu=_CPU,
             padding="refused (fla unpads to cu_seqlens; pass attention_mask=None)",
