@@ -199,6 +199,48 @@ def test_rwkv6_with_padding_mask():
     check(model, attn, ref, out, NAIVE_BOUND)
 
 
+MODELS = {
+    "gla": ("GLAConfig", "GLAForCausalLM", {}),
+    "retnet": ("RetNetConfig", "RetNetForCausalLM", {}),
+    "deltanet": ("DeltaNetConfig", "DeltaNetForCausalLM", {"use_short_conv": False}),
+    "gated_deltanet": ("GatedDeltaNetConfig", "GatedDeltaNetForCausalLM", {"use_short_conv": False, "head_dim": 8}),
+    "hgrn2": ("HGRN2Config", "HGRN2ForCausalLM", {"expand_ratio": 8}),
+    "rwkv6": ("RWKV6Config", "RWKV6ForCausalLM", {"proj_low_rank_dim": 8, "gate_low_rank_dim": 8}),
+}
+
+
+@pytest.mark.parametrize("fuse_norm", [True, False])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_fla_models_on_cpu(kind, fuse_norm):
+    """fla's own causal LMs (2 layers) run under the capture on CPU with ``fuse_swiglu=False`` (its fused
+    SwiGLU-linear is not routed) and ``use_short_conv=False``; the block norms (fused add-norm with
+    ``fuse_norm``) and GatedMLP's swiglu are routed too. Every layer's output() = its o_proj input."""
+    import fla.models as fm
+
+    cfg_name, model_name, extra = MODELS[kind]
+    config = getattr(fm, cfg_name)(hidden_size=HIDDEN, num_hidden_layers=2, num_heads=2, vocab_size=40,
+                                   fuse_norm=fuse_norm, fuse_swiglu=False, fuse_cross_entropy=False, **extra)
+    torch.manual_seed(0)
+    model = getattr(fm, model_name)(config).eval()
+    layers = [m for m in model.modules() if isinstance(m, tuple(cls for cls, _ in KINDS.values()))]
+    seen: dict[int, list] = {id(m): [] for m in layers}
+    handles = [m.o_proj.register_forward_pre_hook(lambda mod, a, i=id(m): seen[i].append(a[0].detach()))
+               for m in layers]
+    handles += [m.register_forward_hook(lambda mod, a, out, i=id(m): seen[i].append(out[0].detach()))
+                for m in layers]
+    try:
+        found = implicit_attention(model, torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1)),
+                                   use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert len(found) == 2
+    for attn, layer in zip(found, layers, strict=True):
+        recorded = seen[id(layer)]
+        ref, out = (recorded[0], recorded[1]) if len(recorded) == 2 else (None, recorded[0])
+        check(layer, attn, ref, out, F32_BOUND)
+
+
 def _globals() -> dict[str, object]:
     import importlib
 

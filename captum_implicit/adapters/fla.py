@@ -79,37 +79,50 @@ def _activate(gate: Tensor, activation: str) -> Tensor:
     return torch.sigmoid(g) if activation == "sigmoid" else F.silu(g)
 
 
+def _with_residual(x: Tensor, residual: Tensor | None, residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
+    """fla's fused add-norm: the norm reads ``x + residual`` (summed in the compute dtype) and, with
+    ``prenorm``, also returns that sum in the residual's dtype (float32 with ``residual_in_fp32``)."""
+    keep = residual.dtype if residual is not None else (torch.float32 if residual_in_fp32 else x.dtype)
+    total = x.to(_norm_dtype(x)) if residual is None else x.to(_norm_dtype(x)) + residual.to(_norm_dtype(x))
+    return total, total.to(keep)
+
+
 def _torch_rms_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False, **_):
-    if residual is not None or prenorm:
-        raise CaptureError("fla RMSNorm with a residual/prenorm is not routed on CPU")
-    y = x.to(_norm_dtype(x)) * _rms_factor(x, weight, eps)
+    total, res_out = _with_residual(x, residual, residual_in_fp32)
+    y = total * _rms_factor(total, weight, eps)
     if bias is not None:
         y = y + bias
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    return (y, res_out) if prenorm else y
 
 
 def _torch_rms_norm_gated(x, g, weight, bias, activation="swish", residual=None, prenorm=False,
                           residual_in_fp32=False, eps=1e-6, **_):
-    if residual is not None or prenorm or bias is not None:
-        raise CaptureError("fla FusedRMSNormGated with a residual/prenorm/bias is not routed on CPU")
-    return (x.to(_norm_dtype(x)) * _rms_factor(x, weight, eps) * _activate(g, activation)).to(x.dtype)
+    total, res_out = _with_residual(x, residual, residual_in_fp32)
+    y = total * _rms_factor(total, weight, eps)
+    if bias is not None:
+        y = y + bias
+    y = (y * _activate(g, activation)).to(x.dtype)
+    return (y, res_out) if prenorm else y
 
 
 def _torch_rms_norm_linear(x, norm_weight, norm_bias, linear_weight, linear_bias, residual=None, eps=1e-5,
                            prenorm=False, residual_in_fp32=False, **_):
-    y = _torch_rms_norm(x, norm_weight, norm_bias, residual, eps, prenorm)
-    return F.linear(y.to(linear_weight.dtype), linear_weight, linear_bias)
+    y = _torch_rms_norm(x, norm_weight, norm_bias, residual, eps, prenorm, residual_in_fp32)
+    y, res_out = y if prenorm else (y, None)
+    out = F.linear(y.to(linear_weight.dtype), linear_weight, linear_bias)
+    return (out, res_out) if prenorm else out
 
 
 def _torch_group_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False,
                       is_rms_norm=False, num_groups=1, **_):
-    if residual is not None or prenorm:
-        raise CaptureError("fla GroupNorm with a residual/prenorm is not routed on CPU")
-    factor, centered = _group_norm_parts(x, weight, eps, is_rms_norm, num_groups)
+    total, res_out = _with_residual(x, residual, residual_in_fp32)
+    factor, centered = _group_norm_parts(total, weight, eps, is_rms_norm, num_groups)
     y = centered * factor
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.to(x.dtype)
+    y = y.to(x.dtype)
+    return (y, res_out) if prenorm else y
 
 
 def _group_norm_parts(x: Tensor, weight: Tensor | None, eps: float, is_rms_norm: bool, groups: int):
@@ -121,6 +134,16 @@ def _group_norm_parts(x: Tensor, weight: Tensor | None, eps: float, is_rms_norm:
         xg = xg - xg.mean(-1, keepdim=True)
     factor = torch.rsqrt(xg.square().mean(-1, keepdim=True) + eps).expand_as(xg).flatten(-2)
     return (factor * weight.to(dt) if weight is not None else factor), xg.flatten(-2)
+
+
+def _torch_layer_norm(x, weight, bias, residual=None, eps=1e-5, prenorm=False, residual_in_fp32=False,
+                      is_rms_norm=False, **_):
+    return _torch_group_norm(x, weight, bias, residual, eps, prenorm, residual_in_fp32, is_rms_norm, 1)
+
+
+def _torch_swiglu(x: Tensor, y: Tensor) -> Tensor:
+    dt = _norm_dtype(x)
+    return (F.silu(x.to(dt)) * y.to(dt)).to(x.dtype)
 
 
 def _torch_token_shift(x, cu_seqlens=None, **_):
@@ -255,6 +278,10 @@ CPU_ROUTES: dict[str, Callable] = {
     **{f"fla.layers.rwkv6.{k}": _torch_rwkv6 for k in _RWKV6_KERNELS},
     "fla.layers.rwkv6.token_shift": _torch_token_shift,
     _GROUP_NORM: _torch_group_norm,
+    # outside the layers, so that fla's own models (blocks: add-norms, GatedMLP, RWKV-6 channel mix) run on CPU
+    "fla.modules.norm.layernorm.layer_norm": _torch_layer_norm,
+    "fla.modules.mlp.swiglu": _torch_swiglu,
+    "fla.models.rwkv6.modeling_rwkv6.token_shift": _torch_token_shift,
     _RMS: _torch_rms_norm,
     _RMS_GATED: _torch_rms_norm_gated,
     _ROTARY: _torch_rotary,
@@ -372,6 +399,8 @@ def _output_row_scale(module: nn.Module, rec: Recording, dtype: torch.dtype) -> 
             factor = factor.reshape(*gate.shape) * gate.to(factor.dtype)
     else:
         return None
+    if a.get("bias", a.get("norm_bias")) is not None:
+        raise CaptureError(f"layer {rec.name!r}: an output norm with a bias is not supported")
     bsz, length = x.shape[:2]
     return factor.reshape(bsz, length, -1).transpose(1, 2).to(dtype)
 
