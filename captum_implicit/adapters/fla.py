@@ -506,31 +506,35 @@ def build_rwkv6(module: nn.Module, rec: Recording, name: str) -> GLAAttention:
 
 
 _NORMS = (_RMS, _RMS_GATED)
-_CPU = "yes (use_short_conv=False, no attention_mask; kernels routed to fla's float32 naive references)"
-_GPU = "fla Triton kernels (tests written; run by the lead)"
-for _cls, _build, _kernels, _extra, _out, _notes in [
-    ("fla.layers.gla.GatedLinearAttention", build_gla, [f"fla.layers.gla.{k}" for k in _GLA_KERNELS], (),
-     "o_proj", "values v; output norm (+ swish gate) a frozen row scale; fuse_norm either way"),
-    ("fla.layers.hgrn2.HGRN2Attention", build_gla, [f"fla.layers.hgrn2.{k}" for k in _GLA_KERNELS],
-     ("fla.layers.hgrn2.rms_norm_linear",), None,
-     "GLA with k = 1 − e^g; values i; the fused rms_norm_linear's norm is a frozen row scale (o_proj is "
-     "never called as a module: output() is the input of its weight)"),
-    ("fla.layers.multiscale_retention.MultiScaleRetention", build_retention,
-     [f"fla.layers.multiscale_retention.{k}" for k in _RET_KERNELS], (), "o_proj",
+_CPU = "yes (use_short_conv=False; kernels routed to fla's float32 naive references)"
+_GPU = "fla Triton kernels: fused_recurrent (L ≤ 64) and chunk, float32 and bf16 (tests written, not yet run)"
+_UNPADS = "refused: fla unpads a masked batch to cu_seqlens (pass attention_mask=None)"
+for _family, _cls, _build, _kernels, _extra, _out, _padding, _notes in [
+    ("gla", "fla.layers.gla.GatedLinearAttention", build_gla, [f"fla.layers.gla.{k}" for k in _GLA_KERNELS], (),
+     "o_proj", _UNPADS, "values v; output norm (+ swish gate) a frozen row scale; fuse_norm either way"),
+    ("hgrn2", "fla.layers.hgrn2.HGRN2Attention", build_gla, [f"fla.layers.hgrn2.{k}" for k in _GLA_KERNELS],
+     ("fla.layers.hgrn2.rms_norm_linear",), None, _UNPADS,
+     "GLA with k = 1 − e^g; values i; the norm of the fused rms_norm_linear is a frozen row scale (o_proj is "
+     "never called as a module: output() is what its weight multiplies)"),
+    ("retnet", "fla.layers.multiscale_retention.MultiScaleRetention", build_retention,
+     [f"fla.layers.multiscale_retention.{k}" for k in _RET_KERNELS], (), "o_proj", _UNPADS,
      "fixed per-head decay; q, k after rotary; output norm (+ gate) a frozen row scale"),
-    ("fla.layers.rwkv6.RWKV6Attention", build_rwkv6, [f"fla.layers.rwkv6.{k}" for k in _RWKV6_KERNELS],
-     (_GROUP_NORM,), "o_proj",
+    ("rwkv6", "fla.layers.rwkv6.RWKV6Attention", build_rwkv6, [f"fla.layers.rwkv6.{k}" for k in _RWKV6_KERNELS],
+     (_GROUP_NORM,), "o_proj", "honoured (the layer multiplies its inputs and v by the mask; no unpadding)",
      "decay read before the step, bonus u, scale 1; values v centered per head (GroupNorm, σ frozen); "
-     "gate·w/σ row scale, gate·b offset; attention_mask multiplies the inputs (no unpadding)"),
-    ("fla.layers.delta_net.DeltaNet", build_delta_net, [f"fla.layers.delta_net.{k}" for k in _DN_KERNELS], (),
-     "o_proj", "delta rule with zero decay; l2-normalised q, k; o_norm a frozen row scale"),
-    ("fla.layers.gated_deltanet.GatedDeltaNet", build_gated_delta_net,
-     [f"fla.layers.gated_deltanet.{k}" for k in _GDN_KERNELS], (), "o_proj",
-     "in-kernel gate −exp(A_log)·softplus(a + dt_bias), σ(β) (×2 with allow_neg_eigval); o_norm a frozen row scale"),
+     "gate·w/σ row scale, gate·b offset"),
+    ("gated_deltanet", "fla.layers.delta_net.DeltaNet", build_delta_net,
+     [f"fla.layers.delta_net.{k}" for k in _DN_KERNELS], (), "o_proj", _UNPADS,
+     "delta rule with zero decay; q, k l2-normalised in the kernel (or sum-normalised before it); o_norm a "
+     "frozen row scale"),
+    ("gated_deltanet", "fla.layers.gated_deltanet.GatedDeltaNet", build_gated_delta_net,
+     [f"fla.layers.gated_deltanet.{k}" for k in _GDN_KERNELS], (), "o_proj", _UNPADS,
+     "in-kernel gate −exp(A_log)·softplus(a + dt_bias), σ(β) (×2 with allow_neg_eigval); o_norm a frozen "
+     "row scale"),
 ]:
     register_adapter(
         Adapter(
-            family="gla" if "Delta" not in _cls else "gated_deltanet",
+            family=_family,
             classes=(_cls,),
             build=_build,
             functions=(*_kernels, *_extra, *_NORMS),
@@ -538,8 +542,8 @@ for _cls, _build, _kernels, _extra, _out, _notes in [
             prepare=record_gate,
             submodule_inputs=("gate_fn",),
             prepare_model=route_to_torch_on_cpu,
-            cpu=_CPU,
-            padding="refused (fla unpads to cu_seqlens; pass attention_mask=None)",
+            cpu=_CPU if _family != "rwkv6" else "yes (kernels routed to fla's float32 naive references)",
+            padding=_padding,
             gpu=_GPU,
             notes=_notes,
         ),
