@@ -150,7 +150,8 @@ def _float64_naive(monkeypatch) -> None:
     import fla.ops.retention.naive as ret
     import fla.ops.rwkv6.recurrent_naive as rwkv6
 
-    monkeypatch.setattr(gla, "naive_recurrent_gla", lambda q, k, v, gk, s=None, f=False: (_recurrence64(q, k, v, gk), None))
+    monkeypatch.setattr(gla, "naive_recurrent_gla",
+                        lambda q, k, v, gk, s=None, f=False: (_recurrence64(q, k, v, gk), None))
 
     def retention(q, k, v):
         h = q.shape[1]
@@ -184,7 +185,8 @@ def test_aggregate_and_row_equal_reductions_of_dense(kind):
     (attn,) = implicit_attention(model, _x(3, 11, torch.float64))
     dense = attn.dense()
     with blockwise(tile=4, max_block_elements=128):
-        for reduce, ref in {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}.items():
+        refs = {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}
+        for reduce, ref in refs.items():
             assert rel_err(attn.aggregate(reduce), ref) < 1e-12
             assert rel_err(attn.row(5, reduce=reduce), ref[:, 5]) < 1e-12
         assert rel_err(attn.apply(), dense @ attn.values) < 1e-12

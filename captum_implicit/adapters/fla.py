@@ -1,4 +1,4 @@
-"""Adapters for flash-linear-attention's layers (``fla.layers``): GLA, HGRN2, RetNet, DeltaNet, Gated DeltaNet.
+"""Adapters for flash-linear-attention's layers (``fla.layers``): GLA, HGRN2, RetNet, RWKV-6, DeltaNet, GDN.
 
 fla is optional and never imported by this module at import time: classes are registered by
 qualified name, fla's functions are looked up when a capture starts.
@@ -17,7 +17,14 @@ are routed to torch (see :data:`CPU_ROUTES`): the kernels to fla's own naive ref
 the Triton math. On CUDA tensors nothing is routed: fla's Triton kernels run and are recorded.
 Everything is restored when the capture ends. Configurations that run on CPU:
 ``use_short_conv=False`` (``ShortConvolution`` is not routed), ``attention_mask=None`` (fla unpads a
-padded batch into a variable-length one, which the naive references do not take).
+padded batch into a variable-length one, which the naive references do not take; RWKV-6 does not
+unpad and takes a mask). The block-level pieces of fla's own models are routed too (fused add-norms,
+``GatedMLP``'s ``swiglu``, RWKV-6's channel-mix token shift), so ``*ForCausalLM`` models with
+``fuse_swiglu=False`` run under a CPU capture.
+
+Unfused output gates (``o = norm(o) · gate_fn(g)``) are read from the gate itself: a plain-function
+``gate_fn`` is wrapped per instance during the capture (:func:`record_gate`), a module one recorded
+through ``submodule_inputs``.
 """
 
 from __future__ import annotations
@@ -389,7 +396,8 @@ def _output_row_scale(module: nn.Module, rec: Recording, dtype: torch.dtype) -> 
     if gated:
         a = gated[0].arguments
         x = a["x"]
-        factor = _rms_factor(x, a["weight"], float(a.get("eps", 1e-6))) * _activate(a["g"], a.get("activation", "swish"))
+        gate = _activate(a["g"], a.get("activation", "swish"))
+        factor = _rms_factor(x, a["weight"], float(a.get("eps", 1e-6))) * gate
     elif plain:
         a = plain[0].arguments
         x = a["x"]
@@ -433,7 +441,9 @@ def build_retention(module: nn.Module, rec: Recording, name: str) -> GLAAttentio
     )
 
 
-def _delta_attention(name: str, module: nn.Module, rec: Recording, q, k, v, g, beta, l2: bool, scale) -> DeltaRuleAttention:
+def _delta_attention(
+    name: str, module: nn.Module, rec: Recording, q, k, v, g, beta, l2: bool, scale
+) -> DeltaRuleAttention:
     if scale is not None and abs(scale - q.shape[-1] ** -0.5) > 1e-12 * scale:
         raise CaptureError(f"layer {name!r}: delta-rule kernel called with a non-default scale {scale}")
     attn = build_delta_rule_attention(
