@@ -1,6 +1,7 @@
 """Built-in adapters: importing this package registers them (one module per source library and family)."""
 
 from . import (  # noqa: F401
+    fla,
     hf_gated_deltanet,
     hf_kda,
     hf_lfm2,

@@ -118,6 +118,7 @@ def build_gla_attention(
     row_scale: Tensor | None = None,
     module_type: str = "",
     family: str = "gla",
+    cls: type[GLAAttention] | None = None,
 ) -> GLAAttention:
     """Assemble :class:`GLAAttention` from the kernel's arguments (fla's ``(b, L, H, d)`` layout).
 
@@ -133,6 +134,8 @@ def build_gla_attention(
         RWKV-6's ``u``.
     row_scale : (b, H·dv, L), optional
         Frozen output norm / gate.
+    cls : subclass of GLAAttention, optional
+        Class to build (an adapter's subclass, e.g. with an output-norm bias).
     """
     dtype = torch.float64 if value.dtype == torch.float64 else torch.float32
     bsz, length, heads, dv = value.shape
@@ -141,7 +144,7 @@ def build_gla_attention(
     g = log_decay.to(torch.float64)
     if g.dim() == 3:
         g = g[..., None]
-    return GLAAttention(
+    return (cls or GLAAttention)(
         name,
         values=value.to(dtype).permute(0, 2, 3, 1).reshape(bsz, heads * dv, length)[..., None],
         query=(query.to(torch.float64) * scale).transpose(1, 2).contiguous(),
