@@ -59,6 +59,7 @@ def main() -> None:
     for length in [int(x) for x in a.lengths.split(",")]:
         ids = torch.randint(0, 50280, (1, length), device="cuda")
         times = {}
+        explainer.attribute(ids, target=0, streaming=True, start_layer=n_layer - 1)  # warm at this length
         for k in (1, a.attn_layers):  # two rollout depths: per-layer cost = difference
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -63,3 +63,12 @@ class OutputRecorder:
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """With ``CAPTUM_IMPLICIT_FAILURE_LOG=path``, append each failure as it happens (GPU runs under a time limit
+    may be cut before pytest's summary)."""
+    path = os.environ.get("CAPTUM_IMPLICIT_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext[-2500:]}\n")

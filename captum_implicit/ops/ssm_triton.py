@@ -51,9 +51,9 @@ NUM_WARPS = 4
 #: ``PRODUCT`` to factors held in registers
 FAR_PRODUCT = "split"
 #: software-pipelining stages of the channel loop
-NUM_STAGES = 3
+NUM_STAGES = 4
 #: channels per program in dense mode (each writes its own tiles; more per program amortises the setup)
-DENSE_CHANNELS = 8
+DENSE_CHANNELS = 16
 #: always use the per-entry form next to the diagonal (tests)
 FORCE_NEAR_EXACT = False
 #: elements of one precomputed factor tensor per launch (channels are processed in chunks of this size)
