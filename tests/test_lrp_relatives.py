@@ -1,0 +1,208 @@
+"""LRP (captum_implicit.lrp) on the HF relatives of the families with LRP forms: Qwen3.5 / Qwen3.5-MoE (Gated
+DeltaNet, as Qwen3-Next), LFM2-MoE / LFM3 (gated short convs, as LFM2), Bailing-Hybrid / GLM-5-Next (KDA, as
+Kimi-Linear), OlmoHybrid / LaraMini (Gated DeltaNet). Tiny random float64 models; they return float64 logits.
+
+HF's default MoE experts implementation (``grouped_mm``) refuses float64 on CPU, so the MoE models use HF's
+``eager`` experts (the loop the LRP forms mirror).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("zennit")
+T = pytest.importorskip("transformers")
+
+from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, GatedLinearRules, LRPError  # noqa: E402
+from captum_implicit.lrp import is_canonized  # noqa: E402
+from captum_implicit.lrp.canonizers import find_lrp_form  # noqa: E402
+
+from test_lrp import assert_restored, model_state  # noqa: E402
+from test_lrp_families import VOCAB, _spread, rel_conservation, relevance  # noqa: E402
+
+CONSERVE = 1e-8  # relative, float64, biases zero
+EXAMPLES = min(settings().max_examples, 5)
+
+
+# ----------------------------------------------------------------------------- tiny models
+def _finish(model, dtype, zero_biases, norm_centre):
+    """Spread every weight so that no branch is negligible; norms around ``norm_centre`` (0 for ``1 + w``)."""
+    model = model.to(dtype).eval()
+    _spread(model, zero_biases)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.normal_(norm_centre, 0.3)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.5)
+            elif name.endswith("dt_bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+_GDN = dict(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=4, linear_key_head_dim=4, linear_value_head_dim=4, linear_num_key_heads=1,
+            tie_word_embeddings=False)
+
+
+def tiny_qwen3_5(seed=0, moe=False, v_heads=2, head_dim=4, kernel=3, layers=("linear_attention", "full_attention"),
+                 use_bias=False, zero_biases=True, dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    kw = dict(_GDN, num_hidden_layers=len(layers), layer_types=list(layers), linear_num_value_heads=v_heads,
+              head_dim=head_dim, linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+              linear_conv_kernel_dim=kernel, attention_bias=use_bias)
+    if moe:
+        cfg = T.Qwen3_5MoeTextConfig(**kw, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=6,
+                                     shared_expert_intermediate_size=6)
+        cfg._experts_implementation = "eager"
+        model = T.Qwen3_5MoeForCausalLM(cfg)
+    else:
+        model = T.Qwen3_5ForCausalLM(T.Qwen3_5TextConfig(**kw))
+    return _finish(model, dtype, zero_biases, 0)
+
+
+BUILD = {
+    "qwen3_5": tiny_qwen3_5,
+    "qwen3_5_moe": lambda **kw: tiny_qwen3_5(moe=True, **kw),
+}
+EXPECTED = {
+    "qwen3_5": {"Qwen3_5GatedDeltaNet", "Qwen3_5RMSNormGated", "Qwen3_5Attention", "Qwen3_5MLP", "Qwen3_5RMSNorm"},
+    "qwen3_5_moe": {"Qwen3_5MoeGatedDeltaNet", "Qwen3_5MoeRMSNormGated", "Qwen3_5MoeAttention", "Qwen3_5MoeMLP",
+                    "Qwen3_5MoeRMSNorm", "Qwen3_5MoeSparseMoeBlock", "Qwen3_5MoeExperts"},
+}
+_GDN_LAYERS = st.sampled_from([("linear_attention",), ("linear_attention", "full_attention"),
+                               ("full_attention", "linear_attention", "linear_attention")])
+CONFIGS = {
+    "qwen3_5": st.fixed_dictionaries({
+        "seed": st.integers(0, 2**16), "v_heads": st.sampled_from([1, 2]), "head_dim": st.sampled_from([2, 4]),
+        "kernel": st.sampled_from([2, 4]), "layers": _GDN_LAYERS,
+    }),
+}
+CONFIGS["qwen3_5_moe"] = CONFIGS["qwen3_5"]
+#: families whose models take biases (attention projections, convs): the bias-absorption test runs on them
+WITH_BIASES = ["qwen3_5"]
+# rule switched off -> conservation error must exceed this; the rules of the forms written for these relatives
+# (Qwen3.5's split-projection Gated DeltaNet), and every rule on one model of each family
+ABLATIONS = {
+    **{("qwen3_5_moe", r): 1e-3 for r in ("identity_act", "detach_ssm", "half_gate", "detach_norm",
+                                          "detach_softmax", "detach_routing")},
+    ("qwen3_5_moe", "exact_casts"): CONSERVE,  # float32 delta rule and norms: ~1e-6 remains
+}
+#: (family, first layer type, class that refuses a cached continuation)
+CACHED = {"qwen3_5": "Qwen3_5GatedDeltaNet", "qwen3_5_moe": "Qwen3_5MoeGatedDeltaNet"}
+
+
+# ----------------------------------------------------------------------------- registry, values
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_every_relative_class_has_a_form(family):
+    found = {type(m).__name__ for m in BUILD[family]().modules() if find_lrp_form(m) is not None}
+    assert found >= EXPECTED[family], found
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_canonized_logits_identical(family, dtype):
+    model = BUILD[family](seed=1, dtype=dtype, zero_biases=False, use_bias=True)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    ref = model(ids, attention_mask=mask, use_cache=False).logits
+    ref_cache = model(ids, attention_mask=mask, use_cache=True).logits
+    with GatedLinearComposite().context(model):
+        assert any(is_canonized(m) for m in model.modules())
+        out = model(ids, attention_mask=mask, use_cache=False).logits
+        out_cache = model(ids, attention_mask=mask, use_cache=True).logits  # a fresh cache filled as HF fills it
+    assert torch.equal(out, ref) and torch.equal(out_cache, ref_cache)
+
+
+# ----------------------------------------------------------------------------- conservation
+@pytest.mark.parametrize("family", sorted(BUILD))
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(length=st.integers(1, 12), batch=st.integers(1, 2), padded=st.booleans(), data=st.data())
+def test_conservation_exact(family, length, batch, padded, data):
+    model = BUILD[family](**data.draw(CONFIGS[family]))
+    ids = torch.randint(1, VOCAB, (batch, length))
+    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
+    mask = None
+    if padded:
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, : data.draw(st.integers(0, length - 1))] = 0  # left padding
+    R, f, _ = relevance(model, ids, target, mask=mask)
+    assert R.shape == (batch, length)
+    assert rel_conservation(R, f) <= CONSERVE
+    if mask is not None:  # every mixer masks padded positions (states zeroed, keys masked): they carry nothing
+        assert torch.all(R[mask == 0] == 0)
+
+
+@pytest.mark.parametrize("family", WITH_BIASES)
+def test_bias_absorption_accounts_for_the_difference(family):
+    """With biases: Σ R + Σ b ⊙ grad_b = f."""
+    model = BUILD[family](seed=3, zero_biases=False, use_bias=True)
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    R, f, absorbed = relevance(model, ids, torch.tensor([3]), with_biases=True)
+    assert abs(float((R.sum() + absorbed - f.sum()) / f.sum())) <= CONSERVE
+    assert abs(float(absorbed / f.sum())) > 1e-6
+
+
+def test_conservation_float32():
+    for family, build in BUILD.items():
+        model = build(seed=3, dtype=torch.float32)
+        ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+        R, f, _ = relevance(model, ids, torch.tensor([1, 2]))
+        assert rel_conservation(R.double(), f.double()) < 1e-4, family
+
+
+# ----------------------------------------------------------------------------- ablations
+@pytest.mark.parametrize("family,rule", sorted(ABLATIONS))
+def test_ablation_breaks_conservation(family, rule):
+    model = BUILD[family](seed=0)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([3, 7])
+    R, f, _ = relevance(model, ids, target)
+    assert rel_conservation(R, f) <= CONSERVE
+    R, f, _ = relevance(model, ids, target, GatedLinearComposite(GatedLinearRules().without(rule)))
+    assert rel_conservation(R, f) > ABLATIONS[family, rule]
+
+
+# ----------------------------------------------------------------------------- model left as it was, cache
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_model_restored_and_captum_class(family):
+    model = BUILD[family](seed=4, zero_biases=False, use_bias=True)
+    before = model_state(model)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    with GatedLinearComposite().context(model):
+        model(ids, use_cache=False).logits.sum().backward()
+    model.zero_grad(set_to_none=True)
+    assert_restored(model, before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with GatedLinearComposite().context(model):
+            raise RuntimeError("boom")
+    assert_restored(model, before)
+    R = GatedLinearLRP(model).attribute(ids, target=[2, 9])
+    R_ref, _, _ = relevance(model, ids, torch.tensor([2, 9]))
+    assert torch.allclose(R, R_ref, rtol=0, atol=1e-13)
+    assert_restored(model, before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", sorted(CACHED))
+def test_cached_continuation_refused(family):
+    model = BUILD[family](seed=2)
+    ids = torch.randint(1, VOCAB, (1, 6))
+    out = model(ids, use_cache=True)
+    before = model_state(model)
+    with pytest.raises(LRPError, match=f"{CACHED[family]} layer 0: this call continues from a cached state"):
+        with GatedLinearComposite().context(model):
+            model(ids[:, -1:], use_cache=True, cache=out.cache)
+    assert_restored(model, before)
+
+
+def test_qwen3_5_across_hf_chunks():
+    """L = 70 crosses HF's 64-token chunk of the delta rule (the value's kernel); the relevance still conserves."""
+    model = tiny_qwen3_5(seed=9, layers=("linear_attention", "linear_attention"))
+    ids = torch.randint(1, VOCAB, (1, 70), generator=torch.Generator().manual_seed(9))
+    R, f, _ = relevance(model, ids, torch.tensor([4]))
+    assert rel_conservation(R, f) <= CONSERVE
