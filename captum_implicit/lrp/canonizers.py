@@ -121,7 +121,10 @@ def unregister_lrp_form(form: LRPForm) -> None:
 
 #: Built-in family modules (``captum_implicit.lrp.<name>``), each registering its forms on import.
 #: Adding a family: one file with its forms and ``register_lrp_form`` calls, and one name here.
-BUILTIN_FAMILIES: tuple[str, ...] = ("mamba", "mamba2", "rwkv", "recurrent_gemma", "qwen3_next", "jamba", "lfm2", "kimi_linear", "qwen3_5", "norms")
+BUILTIN_FAMILIES: tuple[str, ...] = (
+    "mamba", "mamba2", "rwkv", "recurrent_gemma", "qwen3_next", "jamba", "lfm2", "kimi_linear",
+    "qwen3_5", "lfm2_moe", "lfm3", "norms",
+)
 
 
 def lrp_forms() -> list[LRPForm]:
