@@ -92,11 +92,27 @@ def tiny_lfm3(seed=0, kernel=3, layers=("conv", "sliding_attention", "conv", "fu
     return _finish(T.Lfm3ForCausalLM(cfg), dtype, zero_biases, 1)
 
 
+def tiny_bailing(seed=0, heads=2, lin_heads=2, head_dim=4, kernel=3, q_rank=None,
+                 layers=("linear_attention", "full_attention"), dense=1, use_bias=False, zero_biases=True,
+                 dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    cfg = T.BailingHybridConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, moe_intermediate_size=6, num_hidden_layers=len(layers),
+        num_attention_heads=heads, num_key_value_heads=heads, kv_lora_rank=4, q_lora_rank=q_rank, qk_rope_head_dim=2,
+        qk_nope_head_dim=2, v_head_dim=head_dim, head_dim=head_dim, linear_head_dim=head_dim,
+        linear_num_heads=lin_heads, short_conv_kernel_size=kernel, num_local_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=dense, layer_types=list(layers), attention_bias=use_bias,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=None)
+    cfg._experts_implementation = "eager"
+    return _finish(T.BailingHybridForCausalLM(cfg), dtype, zero_biases, 1)
+
+
 BUILD = {
     "qwen3_5": tiny_qwen3_5,
     "qwen3_5_moe": lambda **kw: tiny_qwen3_5(moe=True, **kw),
     "lfm2_moe": tiny_lfm2_moe,
     "lfm3": tiny_lfm3,
+    "bailing_hybrid": tiny_bailing,
 }
 EXPECTED = {
     "qwen3_5": {"Qwen3_5GatedDeltaNet", "Qwen3_5RMSNormGated", "Qwen3_5Attention", "Qwen3_5MLP", "Qwen3_5RMSNorm"},
@@ -105,6 +121,8 @@ EXPECTED = {
     "lfm2_moe": {"Lfm2MoeShortConv", "Lfm2MoeAttention", "Lfm2MoeMLP", "Lfm2MoeSparseMoeBlock", "Lfm2MoeExperts",
                  "Lfm2MoeRMSNorm"},
     "lfm3": {"Lfm3ShortConv", "Lfm3Attention", "Lfm3MLP", "Lfm3RMSNorm"},
+    "bailing_hybrid": {"BailingHybridDeltaAttention", "BailingHybridRMSNormGated", "BailingHybridAttention",
+                       "BailingHybridMLP", "BailingHybridMoE", "BailingHybridExperts", "BailingHybridRMSNorm"},
 }
 _GDN_LAYERS = st.sampled_from([("linear_attention",), ("linear_attention", "full_attention"),
                                ("full_attention", "linear_attention", "linear_attention")])
@@ -124,8 +142,13 @@ CONFIGS["lfm3"] = st.fixed_dictionaries({
     "layers": st.sampled_from([("conv",), ("conv", "sliding_attention"),
                                ("full_attention", "conv", "sliding_attention")]),
 })
+CONFIGS["bailing_hybrid"] = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "heads": st.sampled_from([1, 2]), "lin_heads": st.sampled_from([1, 2]),
+    "head_dim": st.sampled_from([2, 4]), "kernel": st.sampled_from([2, 4]), "q_rank": st.sampled_from([None, 3]),
+    "layers": _GDN_LAYERS, "dense": st.sampled_from([0, 1, 3]),
+})
 #: families whose models take biases (attention projections, convs): the bias-absorption test runs on them
-WITH_BIASES = ["qwen3_5", "lfm2_moe", "lfm3"]
+WITH_BIASES = ["qwen3_5", "lfm2_moe", "lfm3", "bailing_hybrid"]
 # rule switched off -> conservation error must exceed this; the rules of the forms written for these relatives
 # (Qwen3.5's split-projection Gated DeltaNet), and every rule on one model of each family
 ABLATIONS = {
@@ -138,6 +161,9 @@ ABLATIONS.update({
                                        "detach_routing")},
     ("lfm2_moe", "exact_casts"): CONSERVE,  # float32 RMSNorms
     **{("lfm3", r): 1e-3 for r in ("identity_act", "half_gate", "detach_norm", "detach_softmax")},
+    **{("bailing_hybrid", r): 1e-3 for r in ("identity_act", "detach_ssm", "half_gate", "detach_norm",
+                                             "detach_softmax", "detach_routing")},
+    ("bailing_hybrid", "exact_casts"): CONSERVE,  # float32 KDA kernel, gated norm and RMSNorms
 })
 #: the rules of the forms written for these relatives, each switched off in that form only (the other forms keep
 #: every rule): (family, module class, rule). LFM2-MoE's block holds its routing weights, and so does the experts
@@ -149,10 +175,13 @@ ISOLATED = [
     ("lfm3", "Lfm3Attention", "identity_act"),
     ("lfm3", "Lfm3Attention", "half_gate"),
     ("lfm3", "Lfm3Attention", "detach_softmax"),
+    ("bailing_hybrid", "BailingHybridAttention", "identity_act"),
+    ("bailing_hybrid", "BailingHybridAttention", "half_gate"),
+    ("bailing_hybrid", "BailingHybridAttention", "detach_softmax"),
 ]
 #: family -> the class whose form refuses a cached continuation (the first layer's mixer)
 CACHED = {"qwen3_5": "Qwen3_5GatedDeltaNet", "qwen3_5_moe": "Qwen3_5MoeGatedDeltaNet",
-          "lfm2_moe": "Lfm2MoeShortConv", "lfm3": "Lfm3ShortConv"}
+          "lfm2_moe": "Lfm2MoeShortConv", "lfm3": "Lfm3ShortConv", "bailing_hybrid": "BailingHybridDeltaAttention"}
 
 
 # ----------------------------------------------------------------------------- registry, values
