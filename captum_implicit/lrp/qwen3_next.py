@@ -230,10 +230,27 @@ def qwen3_next_attention_lrp(
     return module.o_proj(out), weights
 
 
+def swiglu(gate: Tensor, up: Tensor, rules: GatedLinearRules, act_fn: Any = F.silu, limit: float | None = None
+           ) -> Tensor:
+    """``act_fn(gate) ⊙ up``: identity rule on the activation, half rule on the product.
+
+    With ``limit`` (GLM-5-Next's clamped SwiGLU) ``gate`` is first clamped to ``≤ limit`` and ``up`` to
+    ``[−limit, limit]``, each clamp under the identity rule (``clamp(x) / x`` carries the relevance through).
+    """
+    if limit is not None:
+        gate = act(lambda t: t.clamp(max=limit), gate, rules)
+        up = act(lambda t: t.clamp(min=-limit, max=limit), up, rules)
+    h = act(act_fn, gate, rules) * up
+    return uniform_rule(h, 2) if rules.half_gate else h
+
+
 def qwen3_next_experts_lrp(
     module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
 ) -> Tensor:
-    """LRP form of ``Qwen3NextExperts.forward`` (HF's eager loop); (T, H) -> (T, H)."""
+    """LRP form of ``Qwen3NextExperts.forward`` (HF's eager loop, shared by the relatives' experts); (T, H) -> (T, H).
+
+    Experts without ``act_fn`` use SiLU; with ``swiglu_limit`` (GLM-5-Next) the clamped SwiGLU (:func:`swiglu`).
+    """
     top_k_weights = hold(top_k_weights, rules.detach_routing)
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
@@ -245,9 +262,7 @@ def qwen3_next_experts_lrp(
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
         gate, up = F.linear(hidden_states[token_idx], module.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-        h = act(module.act_fn, gate, rules) * up
-        if rules.half_gate:
-            h = uniform_rule(h, 2)
+        h = swiglu(gate, up, rules, getattr(module, "act_fn", F.silu), getattr(module, "swiglu_limit", None))
         h = F.linear(h, module.down_proj[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]
         final = final.index_add(0, token_idx, h.to(final.dtype))
     if getattr(getattr(module, "config", None), "_experts_implementation", None) not in (None, "eager"):
