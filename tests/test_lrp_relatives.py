@@ -1,7 +1,7 @@
-"""LRP (captum_implicit.lrp) on the HF relatives of the families with LRP forms: Qwen3.5 / Qwen3.5-MoE (Gated
-DeltaNet, as Qwen3-Next), LFM2-MoE / LFM3 (gated short convs, as LFM2), Bailing-Hybrid / GLM-5-Next (KDA, as
-Kimi-Linear), GLM-5-Next's linear layers (KDA with hyper-connections; no causal LM class: a
-readout is added). Tiny random float64 models; they return float64 logits.
+"""LRP (captum_implicit.lrp) on the HF relatives of the families with LRP forms: Qwen3.5 / Qwen3.5-MoE, LaraMini
+and OlmoHybrid (Gated DeltaNet, as Qwen3-Next), LFM2-MoE / LFM3 (gated short convs, as LFM2), Bailing-Hybrid and
+GLM-5-Next's linear layers (KDA, as Kimi-Linear; GLM-5-Next with hyper-connections and, lacking a causal LM class, a
+readout). Tiny random float64 models; they return float64 logits.
 
 HF's default MoE experts implementation (``grouped_mm``) refuses float64 on CPU, so the MoE models use HF's
 ``eager`` experts (the loop the LRP forms mirror).
@@ -152,6 +152,32 @@ def tiny_glm5_next(seed=0, lin_heads=2, head_dim=4, kernel=3, hc=2, layers=2, sp
     return model
 
 
+def tiny_lara_mini(seed=0, v_heads=2, head_dim=4, kernel=3,
+                   layers=("linear_attention", "sliding_attention", "full_attention"), use_bias=False,
+                   zero_biases=True, dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    cfg = T.LaraMiniConfig(**dict(_GDN, head_dim=head_dim, linear_key_head_dim=head_dim,
+                                  linear_value_head_dim=head_dim), linear_num_value_heads=v_heads,
+                           linear_conv_kernel_dim=kernel, num_hidden_layers=len(layers), layer_types=list(layers),
+                           sliding_window=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=6,
+                           shared_expert_intermediate_size=6, attention_bias=use_bias, eos_token_id=1, pad_token_id=0)
+    cfg._experts_implementation = "eager"
+    return _finish(T.LaraMiniForCausalLM(cfg), dtype, zero_biases, 1)
+
+
+def tiny_olmo_hybrid(seed=0, v_heads=2, head_dim=4, kernel=3, heads=2, layers=("linear_attention", "full_attention"),
+                     rope=True, use_bias=False, zero_biases=True, dtype=torch.float64, **_):
+    """``rope=False``: the released checkpoints' NoPE (``rope_theta=None``, no position embeddings)."""
+    torch.manual_seed(seed)
+    cfg = T.OlmoHybridConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_attention_heads=heads,
+                             num_key_value_heads=1, linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+                             linear_num_key_heads=1, linear_num_value_heads=v_heads, linear_conv_kernel_dim=kernel,
+                             num_hidden_layers=len(layers), layer_types=list(layers), attention_bias=use_bias,
+                             eos_token_id=1, pad_token_id=0, tie_word_embeddings=False,
+                             rope_parameters=None if rope else {"rope_type": "default", "rope_theta": None})
+    return _finish(T.OlmoHybridForCausalLM(cfg), dtype, zero_biases, 1)
+
+
 BUILD = {
     "qwen3_5": tiny_qwen3_5,
     "qwen3_5_moe": lambda **kw: tiny_qwen3_5(moe=True, **kw),
@@ -159,6 +185,8 @@ BUILD = {
     "lfm3": tiny_lfm3,
     "bailing_hybrid": tiny_bailing,
     "glm5_next": tiny_glm5_next,
+    "lara_mini": tiny_lara_mini,
+    "olmo_hybrid": tiny_olmo_hybrid,
 }
 EXPECTED = {
     "qwen3_5": {"Qwen3_5GatedDeltaNet", "Qwen3_5RMSNormGated", "Qwen3_5Attention", "Qwen3_5MLP", "Qwen3_5RMSNorm"},
@@ -171,6 +199,10 @@ EXPECTED = {
                        "BailingHybridMLP", "BailingHybridMoE", "BailingHybridExperts", "BailingHybridRMSNorm"},
     "glm5_next": {"Glm5NextTextLinearAttention", "Glm5NextTextRMSNormGated", "Glm5NextTextHyperConnection",
                   "Glm5NextTextMLP", "Glm5NextTextExperts", "Glm5NextTextMoE", "Glm5NextTextRMSNorm"},
+    "lara_mini": {"LaraMiniGatedDeltaNet", "LaraMiniRMSNormGated", "LaraMiniAttention", "LaraMiniMLP",
+                  "LaraMiniExperts", "LaraMiniSparseMoeBlock", "LaraMiniRMSNorm"},
+    "olmo_hybrid": {"OlmoHybridGatedDeltaNet", "OlmoHybridRMSNormGated", "OlmoHybridAttention", "OlmoHybridMLP",
+                    "OlmoHybridRMSNorm"},
 }
 _GDN_LAYERS = st.sampled_from([("linear_attention",), ("linear_attention", "full_attention"),
                                ("full_attention", "linear_attention", "linear_attention")])
@@ -200,8 +232,20 @@ CONFIGS["glm5_next"] = st.fixed_dictionaries({
     "kernel": st.sampled_from([2, 4]), "hc": st.sampled_from([1, 2, 3]), "layers": st.integers(1, 3),
     "sparse": st.sampled_from([(), (0,), (1, 2)]), "limit": st.sampled_from([0.5, 10.0]),
 })
+CONFIGS["lara_mini"] = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "v_heads": st.sampled_from([1, 2]), "head_dim": st.sampled_from([2, 4]),
+    "kernel": st.sampled_from([2, 4]),
+    "layers": st.sampled_from([("linear_attention",), ("linear_attention", "sliding_attention"),
+                               ("full_attention", "linear_attention", "sliding_attention")]),
+})
+CONFIGS["olmo_hybrid"] = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "v_heads": st.sampled_from([1, 2]), "head_dim": st.sampled_from([2, 4]),
+    "kernel": st.sampled_from([2, 4]), "heads": st.sampled_from([1, 2]), "rope": st.booleans(),
+    "layers": st.sampled_from([("linear_attention", "full_attention"),  # HF wants one softmax layer at least
+                               ("full_attention", "linear_attention", "linear_attention")]),
+})
 #: families whose models take biases (attention projections, convs): the bias-absorption test runs on them
-WITH_BIASES = ["qwen3_5", "lfm2_moe", "lfm3", "bailing_hybrid"]
+WITH_BIASES = ["qwen3_5", "lfm2_moe", "lfm3", "bailing_hybrid", "lara_mini", "olmo_hybrid"]
 # rule switched off -> conservation error must exceed this; the rules of the forms written for these relatives
 # (Qwen3.5's split-projection Gated DeltaNet), and every rule on one model of each family
 ABLATIONS = {
@@ -220,6 +264,11 @@ ABLATIONS.update({
     **{("glm5_next", r): 1e-3 for r in ("identity_act", "detach_ssm", "half_gate", "detach_norm",
                                         "detach_routing")},
     ("glm5_next", "exact_casts"): CONSERVE,
+    **{(f, r): 1e-3 for f in ("lara_mini", "olmo_hybrid") for r in ("identity_act", "detach_ssm", "half_gate",
+                                                                   "detach_norm", "detach_softmax")},
+    ("lara_mini", "detach_routing"): 1e-3,
+    ("lara_mini", "exact_casts"): CONSERVE,
+    ("olmo_hybrid", "exact_casts"): CONSERVE,
 })
 #: the rules of the forms written for these relatives, each switched off in that form only (the other forms keep
 #: every rule): (family, module class, rule). LFM2-MoE's block holds its routing weights, and so does the experts
@@ -238,10 +287,18 @@ ISOLATED = [
     ("glm5_next", "Glm5NextTextMLP", "identity_act"),  # the clamps' and SiLU's identity rules
     ("glm5_next", "Glm5NextTextMLP", "half_gate"),
     ("glm5_next", "Glm5NextTextExperts", "identity_act"),
+    ("lara_mini", "LaraMiniRMSNorm", "detach_norm"),
+    ("lara_mini", "LaraMiniRMSNorm", "exact_casts"),
+    ("olmo_hybrid", "OlmoHybridGatedDeltaNet", "identity_act"),
+    ("olmo_hybrid", "OlmoHybridGatedDeltaNet", "detach_ssm"),
+    ("olmo_hybrid", "OlmoHybridAttention", "detach_softmax"),  # q/k norms over the whole projection
+    ("olmo_hybrid", "OlmoHybridRMSNorm", "detach_norm"),
+    ("olmo_hybrid", "OlmoHybridRMSNorm", "exact_casts"),
 ]
 #: family -> the class whose form refuses a cached continuation (the first layer's mixer)
 CACHED = {"qwen3_5": "Qwen3_5GatedDeltaNet", "qwen3_5_moe": "Qwen3_5MoeGatedDeltaNet",
-          "lfm2_moe": "Lfm2MoeShortConv", "lfm3": "Lfm3ShortConv", "bailing_hybrid": "BailingHybridDeltaAttention"}
+          "lfm2_moe": "Lfm2MoeShortConv", "lfm3": "Lfm3ShortConv", "bailing_hybrid": "BailingHybridDeltaAttention",
+          "lara_mini": "LaraMiniGatedDeltaNet", "olmo_hybrid": "OlmoHybridGatedDeltaNet"}
 
 
 # ----------------------------------------------------------------------------- registry, values

@@ -28,45 +28,61 @@ from .primitives import uniform_rule
 _HF = "transformers.models.lfm3.modeling_lfm3"
 
 
-def lfm3_attention_lrp(
+def qk_norm_attention_lrp(
     module: nn.Module,
     rules: GatedLinearRules,
     hidden_states: Tensor,
-    position_embeddings: tuple[Tensor, Tensor],
+    position_embeddings: tuple[Tensor, Tensor] | None,
     attention_mask: Tensor | None,
     cache: Any = None,
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
-    """LRP form of ``Lfm3Attention.forward``: probabilities held, per-head sigmoid gate split half/half."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.lfm3.modeling_lfm3 import apply_rotary_pos_emb, eager_attention_forward
+    """LRP form of ``Lfm3Attention.forward`` (also LaraMini's and OlmoHybrid's q/k-norm attention).
 
+    Probabilities held; the optional per-head sigmoid gate ``g_proj`` split half/half. RoPE and eager attention
+    come from the module's own transformers file; ``position_embeddings=None`` skips RoPE (NoPE layers). The q/k
+    norms act per head, or on the whole projection where their size says so (OlmoHybrid).
+    """
+    import importlib
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    hf = importlib.import_module(type(module).__module__)
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
+    name = type(module).__name__
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
-    query = module.q_norm(module.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
-    key = module.k_norm(module.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+
+    def normed(norm: nn.Module, x: Tensor) -> Tensor:
+        if norm.weight.shape[-1] == module.head_dim:  # per head
+            return norm(x.view(hidden_shape)).transpose(1, 2)
+        return norm(x).view(hidden_shape).transpose(1, 2)  # over the whole projection (OlmoHybrid)
+
+    query = normed(module.q_norm, module.q_proj(hidden_states))
+    key = normed(module.k_norm, module.k_proj(hidden_states))
     value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    cos, sin = position_embeddings
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+        query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
     query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
     if cache is not None:
         if cache.get_seq_length(module.layer_idx) > 0:
             raise LRPError(
-                f"Lfm3Attention layer {module.layer_idx}: this call continues from a cached state; run the full "
+                f"{name} layer {module.layer_idx}: this call continues from a cached state; run the full "
                 "sequence in one forward (use_cache=False)."
             )
         cached_key, _ = cache.update(key.detach(), value.detach(), module.layer_idx, kwargs=kwargs)
         if cached_key.shape != key.shape:
-            raise LRPError("Lfm3Attention: the cache changed the key length on a first call")
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+            raise LRPError(f"{name}: the cache changed the key length on a first call")
+    if hasattr(module, "sliding_window"):  # as the module passes it (OlmoHybrid's attention does not)
+        kwargs["sliding_window"] = module.sliding_window
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
     out, weights = interface(
         module, query, key, value, attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling,
-        sliding_window=module.sliding_window, **kwargs,
+        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs,
     )
-    if module.g_proj is not None:  # (b, L, heads, d) ⊙ σ(g)(b, L, heads, 1)
+    if getattr(module, "g_proj", None) is not None:  # (b, L, heads, d) ⊙ σ(g)(b, L, heads, 1)
         out = out * act(torch.sigmoid, module.g_proj(hidden_states), rules).unsqueeze(-1)
         if rules.half_gate:
             out = uniform_rule(out, 2)
@@ -75,7 +91,7 @@ def lfm3_attention_lrp(
 
 for _cls, _fwd, _note in [
     ("Lfm3ShortConv", short_conv_lrp, "half rule on B ⊙ x and on C ⊙ conv(·); conv linear"),
-    ("Lfm3Attention", lfm3_attention_lrp,
+    ("Lfm3Attention", qk_norm_attention_lrp,
      "softmax probabilities held (q, k detached): linear in V; half rule on o ⊙ σ(g_proj x) per head"),
     ("Lfm3MLP", lfm2_mlp_lrp, "identity rule on SiLU, half rule on SiLU(w1 x) ⊙ w3 x"),
     ("Lfm3RMSNorm", rms_norm_lrp, "scale held (LN rule)"),

@@ -130,7 +130,8 @@ def gdn_after_projections(
 
     Returns
     -------
-    (b, L, H): ``out_proj(norm(delta_rule(SiLU(conv(mixed))), z))``.
+    (b, L, H): ``out_proj(norm(delta_rule(SiLU(conv(mixed))), z))`` (OlmoHybrid: ``o_proj``, ``o_norm``, and β
+    doubled where ``allow_neg_eigval``).
     """
     hf = _hf(module)
     seq_len = mixed.shape[1]
@@ -152,6 +153,8 @@ def gdn_after_projections(
     key = key.reshape(key.shape[0], key.shape[1], -1, module.head_k_dim)
     value = value.reshape(value.shape[0], value.shape[1], -1, module.head_v_dim)
     beta = b.sigmoid()
+    if getattr(module, "allow_neg_eigval", False):  # OlmoHybrid: β ∈ [0, 2]
+        beta = beta * 2.0
     g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)
     # queries, keys, betas and decays are functions of the input held constant: linear in v
     core, final_state = held_delta_rule(
@@ -161,9 +164,10 @@ def gdn_after_projections(
     if cache is not None:
         cache.update_recurrent_state(final_state.detach(), module.layer_idx)
     z_shape = z.shape
-    core = module.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1]))
+    norm, out_proj = (module.norm, module.out_proj) if hasattr(module, "out_proj") else (module.o_norm, module.o_proj)
+    core = norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1]))
     core = core.reshape(z_shape).reshape(z_shape[0], z_shape[1], -1)
-    return module.out_proj(core)
+    return out_proj(core)
 
 
 def rms_norm_gated_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor, gate: Tensor) -> Tensor:
