@@ -1,7 +1,8 @@
 """LRP (captum_implicit.lrp) on the HF relatives of the families with LRP forms: Qwen3.5 / Qwen3.5-MoE, LaraMini,
 OlmoHybrid and Qwen4-Exp's linear layers (Gated DeltaNet, as Qwen3-Next; Qwen4-Exp with gated hyper-connections),
 LFM2-MoE / LFM3 (gated short convs, as LFM2), Bailing-Hybrid and GLM-5-Next's linear layers (KDA, as
-Kimi-Linear; GLM-5-Next with hyper-connections and, lacking a causal LM class, a readout). Tiny random float64 models; they return float64 logits.
+Kimi-Linear; GLM-5-Next with hyper-connections and, lacking a causal LM class, a readout). Tiny random float64
+models; they return float64 logits.
 
 HF's default MoE experts implementation (``grouped_mm``) refuses float64 on CPU, so the MoE models use HF's
 ``eager`` experts (the loop the LRP forms mirror).
@@ -23,6 +24,7 @@ from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, GatedLinea
 from captum_implicit.lrp import is_canonized  # noqa: E402
 from captum_implicit.lrp.canonizers import GatedLinearCanonizer, find_lrp_form, lrp_forms  # noqa: E402
 
+from conftest import rel_err, requires_cuda  # noqa: E402
 from test_lrp import assert_restored, model_state  # noqa: E402
 from test_lrp_families import VOCAB, _spread, rel_conservation, relevance  # noqa: E402
 
@@ -480,3 +482,21 @@ def test_glm5_clamps_engage():
     model(torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)), use_cache=False)
     handle.remove()
     assert (seen[0].abs() > mlp.swiglu_limit).any() and (seen[0].abs() < mlp.swiglu_limit).any()
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_gpu_canonized_model(family):
+    """On CUDA transformers may call fused kernels (fla's chunked delta rule / KDA, causal-conv1d); the LRP forms
+    run HF's torch paths for the relevance (HF's own kernel for the delta rule's value), so logits agree to float32
+    rounding and relevance conserves to float32 rounding."""
+    model = BUILD[family](seed=8, dtype=torch.float32).cuda()
+    ids = torch.randint(1, VOCAB, (2, 32), device="cuda")
+    ref = model(ids, use_cache=False).logits
+    with GatedLinearComposite().context(model):
+        out = model(ids, use_cache=False).logits
+    assert rel_err(out, ref) < 1e-4
+    R, f, _ = relevance(model, ids, torch.tensor([1, 2], device="cuda"))
+    assert rel_conservation(R.double(), f.double()) < 1e-4
