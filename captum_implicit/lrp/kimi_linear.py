@@ -96,8 +96,8 @@ def kda_lrp(
     idx = module.layer_idx
     if cache is not None and (cache.get_conv_state(idx) is not None or cache.get_recurrent_state(idx) is not None):
         raise LRPError(
-            f"KimiLinearDeltaAttention layer {idx}: this call continues from a cached state; run the full sequence "
-            "in one forward (use_cache=False)."
+            f"{type(module).__name__} layer {idx}: this call continues from a cached state; run the full "
+            "sequence in one forward (use_cache=False)."
         )
     hidden_states = mask_padding(hidden_states, attention_mask)
     batch, seq_len = hidden_states.shape[:2]
@@ -128,7 +128,10 @@ def kda_lrp(
     )
     if cache is not None:
         cache.update_recurrent_state(final_state.detach().to(torch.float32), idx)
-    gate = module.g_b_proj(module.g_a_proj(hidden_states)).view(hidden_shape)
+    if getattr(module, "g_proj", None) is not None:  # Bailing-Hybrid: one output-gate projection, not low rank
+        gate = module.g_proj(hidden_states).view(hidden_shape)
+    else:
+        gate = module.g_b_proj(module.g_a_proj(hidden_states)).view(hidden_shape)
     out = module.o_norm(core, gate).reshape(batch, seq_len, -1)
     return module.o_proj(out)
 

@@ -45,8 +45,8 @@ def short_conv_lrp(
     seq_len = hidden_states.shape[1]
     if cache is not None and cache.get_conv_state(module.layer_idx) is not None:
         raise LRPError(
-            f"Lfm2ShortConv layer {module.layer_idx}: this call continues from a cached state; run the full sequence "
-            "in one forward (use_cache=False)."
+            f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run the "
+            "full sequence in one forward (use_cache=False)."
         )
     hidden_states = mask_padding(hidden_states, attention_mask)
     B, C, x = module.in_proj(hidden_states).transpose(-1, -2).chunk(3, dim=-2)
@@ -96,12 +96,12 @@ def lfm2_attention_lrp(
     if cache is not None:
         if cache.get_seq_length(module.layer_idx) > 0:
             raise LRPError(
-                f"Lfm2Attention layer {module.layer_idx}: this call continues from a cached state; run the full "
-                "sequence in one forward (use_cache=False)."
+                f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run "
+                "the full sequence in one forward (use_cache=False)."
             )
         cached_key, _ = cache.update(key.detach(), value.detach(), module.layer_idx, kwargs=kwargs)
         if cached_key.shape != key.shape:
-            raise LRPError("Lfm2Attention: the cache changed the key length on a first call")
+            raise LRPError(f"{type(module).__name__}: the cache changed the key length on a first call")
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
     out, weights = interface(module, query, key, value, attention_mask, dropout=0.0, scaling=module.scaling,
                              **kwargs)

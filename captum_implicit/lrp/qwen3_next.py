@@ -40,10 +40,12 @@ from .recurrent_gemma import rg_mlp_lrp, rg_rms_norm_lrp
 _HF = "transformers.models.qwen3_next.modeling_qwen3_next"
 
 
-def _hf() -> Any:
+def _hf(module: nn.Module | None = None) -> Any:
+    """The transformers module defining ``module``'s class (its own delta-rule kernel, RoPE, eager attention), so
+    the forms serve every relative whose code is Qwen3-Next's (Qwen3.5, Qwen3.5-MoE, ...); Qwen3-Next's by default."""
     import importlib
 
-    return importlib.import_module(_HF)
+    return importlib.import_module(_HF if module is None else type(module).__module__)
 
 
 def _l2norm(x: Tensor, eps: float = 1e-6) -> Tensor:
@@ -93,24 +95,47 @@ def gdn_lrp(
     **kwargs: Any,
 ) -> Tensor:
     """LRP form of ``Qwen3NextGatedDeltaNet.forward``; (b, L, H) -> (b, L, H)."""
-    hf = _hf()
     if cache is None:
         cache = kwargs.pop("cache_params", None)
     kwargs.pop("cu_seq_lens_q", None)
     hidden_states = mask_padding(hidden_states, attention_mask)
-    seq_len = hidden_states.shape[1]
-    if cache is not None and (
-        cache.get_conv_state(module.layer_idx) is not None or cache.get_recurrent_state(module.layer_idx) is not None
-    ):
-        raise LRPError(
-            f"Qwen3NextGatedDeltaNet layer {module.layer_idx}: this call continues from a cached state; run the full "
-            "sequence in one forward (use_cache=False)."
-        )
+    _refuse_cached(module, cache)
     qkvz = module.in_proj_qkvz(hidden_states)
     ba = module.in_proj_ba(hidden_states)
     query, key, value, z, b, a = module.fix_query_key_value_ordering(qkvz, ba)
     query, key, value = (x.reshape(x.shape[0], x.shape[1], -1) for x in (query, key, value))
-    mixed = torch.cat((query, key, value), dim=-1).transpose(1, 2)
+    mixed = torch.cat((query, key, value), dim=-1)
+    return gdn_after_projections(module, rules, mixed, z, b, a, cache)
+
+
+def _refuse_cached(module: nn.Module, cache: Any) -> None:
+    if cache is not None and (
+        cache.get_conv_state(module.layer_idx) is not None or cache.get_recurrent_state(module.layer_idx) is not None
+    ):
+        raise LRPError(
+            f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run the "
+            "full sequence in one forward (use_cache=False)."
+        )
+
+
+def gdn_after_projections(
+    module: nn.Module, rules: GatedLinearRules, mixed: Tensor, z: Tensor, b: Tensor, a: Tensor, cache: Any
+) -> Tensor:
+    """A Gated DeltaNet layer after its input projections (shared by Qwen3-Next and its relatives).
+
+    Parameters
+    ----------
+    mixed : (b, L, 2·key_dim + value_dim)  the conv's input, channels ordered (q, k, v)
+    z : (b, L, hv, dv)  the output gate;  b, a : (b, L, hv)  β and decay logits
+
+    Returns
+    -------
+    (b, L, H): ``out_proj(norm(delta_rule(SiLU(conv(mixed))), z))`` (OlmoHybrid: ``o_proj``, ``o_norm``, and β
+    doubled where ``allow_neg_eigval``).
+    """
+    hf = _hf(module)
+    seq_len = mixed.shape[1]
+    mixed = mixed.transpose(1, 2)
     if cache is not None:  # HF conv's the (possibly left-padded) prefill it caches; same numbers, live graph
         full = cache.update_conv_state(mixed.detach(), module.layer_idx, conv_kernel_size=module.conv_kernel_size)
         mixed = F.pad(mixed, (full.shape[-1] - seq_len, 0))
@@ -128,6 +153,8 @@ def gdn_lrp(
     key = key.reshape(key.shape[0], key.shape[1], -1, module.head_k_dim)
     value = value.reshape(value.shape[0], value.shape[1], -1, module.head_v_dim)
     beta = b.sigmoid()
+    if getattr(module, "allow_neg_eigval", False):  # OlmoHybrid: β ∈ [0, 2]
+        beta = beta * 2.0
     g = -module.A_log.float().exp() * F.softplus(a.float() + module.dt_bias)
     # queries, keys, betas and decays are functions of the input held constant: linear in v
     core, final_state = held_delta_rule(
@@ -137,9 +164,10 @@ def gdn_lrp(
     if cache is not None:
         cache.update_recurrent_state(final_state.detach(), module.layer_idx)
     z_shape = z.shape
-    core = module.norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1]))
+    norm, out_proj = (module.norm, module.out_proj) if hasattr(module, "out_proj") else (module.o_norm, module.o_proj)
+    core = norm(core.reshape(-1, core.shape[-1]), z.reshape(-1, z.shape[-1]))
     core = core.reshape(z_shape).reshape(z_shape[0], z_shape[1], -1)
-    return module.out_proj(core)
+    return out_proj(core)
 
 
 def rms_norm_gated_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor, gate: Tensor) -> Tensor:
@@ -172,7 +200,7 @@ def qwen3_next_attention_lrp(
     """LRP form of ``Qwen3NextAttention.forward``: probabilities held, sigmoid output gate split half/half."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    hf = _hf()
+    hf = _hf(module)
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     input_shape = hidden_states.shape[:-1]
@@ -188,12 +216,12 @@ def qwen3_next_attention_lrp(
     if cache is not None:
         if cache.get_seq_length(module.layer_idx) > 0:
             raise LRPError(
-                f"Qwen3NextAttention layer {module.layer_idx}: this call continues from a cached state; run the "
+                f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run the "
                 "full sequence in one forward (use_cache=False)."
             )
         cached_key, _ = cache.update(key.detach(), value.detach(), module.layer_idx, kwargs=kwargs)
         if cached_key.shape != key.shape:
-            raise LRPError("Qwen3NextAttention: the cache changed the key length on a first call")
+            raise LRPError(f"{type(module).__name__}: the cache changed the key length on a first call")
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
     out, weights = interface(
         module, query, key, value, attention_mask,
@@ -206,10 +234,27 @@ def qwen3_next_attention_lrp(
     return module.o_proj(out), weights
 
 
+def swiglu(gate: Tensor, up: Tensor, rules: GatedLinearRules, act_fn: Any = F.silu, limit: float | None = None
+           ) -> Tensor:
+    """``act_fn(gate) ⊙ up``: identity rule on the activation, half rule on the product.
+
+    With ``limit`` (GLM-5-Next's clamped SwiGLU) ``gate`` is first clamped to ``≤ limit`` and ``up`` to
+    ``[−limit, limit]``, each clamp under the identity rule (``clamp(x) / x`` carries the relevance through).
+    """
+    if limit is not None:
+        gate = act(lambda t: t.clamp(max=limit), gate, rules)
+        up = act(lambda t: t.clamp(min=-limit, max=limit), up, rules)
+    h = act(act_fn, gate, rules) * up
+    return uniform_rule(h, 2) if rules.half_gate else h
+
+
 def qwen3_next_experts_lrp(
     module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor
 ) -> Tensor:
-    """LRP form of ``Qwen3NextExperts.forward`` (HF's eager loop); (T, H) -> (T, H)."""
+    """LRP form of ``Qwen3NextExperts.forward`` (HF's eager loop, shared by the relatives' experts); (T, H) -> (T, H).
+
+    Experts without ``act_fn`` use SiLU; with ``swiglu_limit`` (GLM-5-Next) the clamped SwiGLU (:func:`swiglu`).
+    """
     top_k_weights = hold(top_k_weights, rules.detach_routing)
     final = torch.zeros_like(hidden_states)
     with torch.no_grad():
@@ -221,9 +266,7 @@ def qwen3_next_experts_lrp(
             continue
         top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
         gate, up = F.linear(hidden_states[token_idx], module.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-        h = act(module.act_fn, gate, rules) * up
-        if rules.half_gate:
-            h = uniform_rule(h, 2)
+        h = swiglu(gate, up, rules, getattr(module, "act_fn", F.silu), getattr(module, "swiglu_limit", None))
         h = F.linear(h, module.down_proj[expert_idx]) * top_k_weights[token_idx, top_k_pos, None]
         final = final.index_add(0, token_idx, h.to(final.dtype))
     if getattr(getattr(module, "config", None), "_experts_implementation", None) not in (None, "eager"):

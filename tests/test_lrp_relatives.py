@@ -1,0 +1,502 @@
+"""LRP (captum_implicit.lrp) on the HF relatives of the families with LRP forms: Qwen3.5 / Qwen3.5-MoE, LaraMini,
+OlmoHybrid and Qwen4-Exp's linear layers (Gated DeltaNet, as Qwen3-Next; Qwen4-Exp with gated hyper-connections),
+LFM2-MoE / LFM3 (gated short convs, as LFM2), Bailing-Hybrid and GLM-5-Next's linear layers (KDA, as
+Kimi-Linear; GLM-5-Next with hyper-connections and, lacking a causal LM class, a readout). Tiny random float64
+models; they return float64 logits.
+
+HF's default MoE experts implementation (``grouped_mm``) refuses float64 on CPU, so the MoE models use HF's
+``eager`` experts (the loop the LRP forms mirror).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("zennit")
+T = pytest.importorskip("transformers")
+
+from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, GatedLinearRules, LRPError  # noqa: E402
+from captum_implicit.lrp import is_canonized  # noqa: E402
+from captum_implicit.lrp.canonizers import GatedLinearCanonizer, find_lrp_form, lrp_forms  # noqa: E402
+
+from conftest import rel_err, requires_cuda  # noqa: E402
+from test_lrp import assert_restored, model_state  # noqa: E402
+from test_lrp_families import VOCAB, _spread, rel_conservation, relevance  # noqa: E402
+
+CONSERVE = 1e-8  # relative, float64, biases zero
+EXAMPLES = min(settings().max_examples, 5)
+
+
+# ----------------------------------------------------------------------------- tiny models
+def _finish(model, dtype, zero_biases, norm_centre):
+    """Spread every weight so that no branch is negligible; norms around ``norm_centre`` (0 for ``1 + w``)."""
+    model = model.to(dtype).eval()
+    _spread(model, zero_biases)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.normal_(norm_centre, 0.3)
+            elif p.dim() >= 2:
+                p.normal_(0, 0.5)
+            elif name.endswith("dt_bias"):
+                p.normal_(0, 0.5)
+    return model
+
+
+_GDN = dict(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1,
+            head_dim=4, linear_key_head_dim=4, linear_value_head_dim=4, linear_num_key_heads=1,
+            tie_word_embeddings=False)
+
+
+def tiny_qwen3_5(seed=0, moe=False, v_heads=2, head_dim=4, kernel=3, layers=("linear_attention", "full_attention"),
+                 use_bias=False, zero_biases=True, dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    kw = dict(_GDN, num_hidden_layers=len(layers), layer_types=list(layers), linear_num_value_heads=v_heads,
+              head_dim=head_dim, linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+              linear_conv_kernel_dim=kernel, attention_bias=use_bias)
+    if moe:
+        cfg = T.Qwen3_5MoeTextConfig(**kw, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=6,
+                                     shared_expert_intermediate_size=6)
+        cfg._experts_implementation = "eager"
+        model = T.Qwen3_5MoeForCausalLM(cfg)
+    else:
+        model = T.Qwen3_5ForCausalLM(T.Qwen3_5TextConfig(**kw))
+    return _finish(model, dtype, zero_biases, 0)
+
+
+_LFM = dict(vocab_size=VOCAB, hidden_size=8, intermediate_size=24, num_attention_heads=2, num_key_value_heads=1,
+            tie_word_embeddings=False)
+
+
+def tiny_lfm2_moe(seed=0, kernel=3, layers=("conv", "full_attention", "conv"), use_bias=False, zero_biases=True,
+                  dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    cfg = T.Lfm2MoeConfig(**_LFM, moe_intermediate_size=6, num_hidden_layers=len(layers), num_dense_layers=1,
+                          num_experts=4, num_experts_per_tok=2, layer_types=list(layers), conv_bias=use_bias,
+                          conv_L_cache=kernel)
+    cfg._experts_implementation = "eager"
+    model = _finish(T.Lfm2MoeForCausalLM(cfg), dtype, zero_biases, 1)
+    with torch.no_grad():  # the expert bias (a buffer, used only to choose the experts) starts at 0
+        for layer in model.model.layers:
+            if hasattr(layer.feed_forward, "expert_bias"):
+                layer.feed_forward.expert_bias.normal_(0, 0.3)
+    return model
+
+
+def tiny_lfm3(seed=0, kernel=3, layers=("conv", "sliding_attention", "conv", "full_attention"), gate=True,
+              use_bias=False, zero_biases=True, dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    cfg = T.Lfm3Config(**_LFM, num_hidden_layers=len(layers), head_dim=4, sliding_window=4, pad_token_id=0,
+                       layer_types=list(layers), conv_bias=use_bias, attention_bias=use_bias, conv_L_cache=kernel,
+                       use_attention_gate=gate)
+    return _finish(T.Lfm3ForCausalLM(cfg), dtype, zero_biases, 1)
+
+
+def tiny_bailing(seed=0, heads=2, lin_heads=2, head_dim=4, kernel=3, q_rank=None,
+                 layers=("linear_attention", "full_attention"), dense=1, use_bias=False, zero_biases=True,
+                 dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    cfg = T.BailingHybridConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, moe_intermediate_size=6, num_hidden_layers=len(layers),
+        num_attention_heads=heads, num_key_value_heads=heads, kv_lora_rank=4, q_lora_rank=q_rank, qk_rope_head_dim=2,
+        qk_nope_head_dim=2, v_head_dim=head_dim, head_dim=head_dim, linear_head_dim=head_dim,
+        linear_num_heads=lin_heads, short_conv_kernel_size=kernel, num_local_experts=4, num_experts_per_tok=2,
+        n_group=1, topk_group=1, first_k_dense_replace=dense, layer_types=list(layers), attention_bias=use_bias,
+        tie_word_embeddings=False, pad_token_id=0, eos_token_id=None)
+    cfg._experts_implementation = "eager"
+    return _finish(T.BailingHybridForCausalLM(cfg), dtype, zero_biases, 1)
+
+
+class Glm5Lm(torch.nn.Module):
+    """GLM-5-Next's text model with a linear readout (transformers has no text-only causal LM for it)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.model = T.Glm5NextTextModel(cfg)
+        self.lm_head = torch.nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, inputs_embeds=None, **kwargs):
+        # HF's hybrid cache needs a softmax layer to report its length: a linear-only GLM-5-Next runs without one
+        kwargs["use_cache"] = False
+        out = self.model(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return SimpleNamespace(logits=self.lm_head(out.last_hidden_state))
+
+
+def tiny_glm5_next(seed=0, lin_heads=2, head_dim=4, kernel=3, hc=2, layers=2, sparse=(1,), limit=0.7,
+                   zero_biases=True, dtype=torch.float64, **_):
+    """Linear-attention layers only: GLM-5-Next's softmax layers (DSA) have no LRP form."""
+    torch.manual_seed(seed)
+    cfg = T.Glm5NextTextConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, moe_intermediate_size=6, num_hidden_layers=layers,
+        num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=4, q_lora_rank=4, qk_rope_head_dim=0,
+        qk_nope_head_dim=4, v_head_dim=4, head_dim=4, linear_head_dim=head_dim, linear_num_heads=lin_heads,
+        linear_conv_kernel_dim=kernel, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+        index_head_dim=4, index_n_heads=2, hc_mult=hc, layer_types=["linear_attention"] * layers,
+        mlp_layer_types=["sparse" if i in sparse else "dense" for i in range(layers)], swiglu_limit=limit,
+        pad_token_id=0)
+    cfg._experts_implementation = "eager"
+    model = _finish(Glm5Lm(cfg), dtype, zero_biases, 1)
+    with torch.no_grad():  # hyper-connection biases and scales initialise to constants
+        for name, p in model.named_parameters():
+            if name.endswith((".base", ".scale")):
+                p.normal_(0, 0.5)
+    return model
+
+
+def tiny_lara_mini(seed=0, v_heads=2, head_dim=4, kernel=3,
+                   layers=("linear_attention", "sliding_attention", "full_attention"), use_bias=False,
+                   zero_biases=True, dtype=torch.float64, **_):
+    torch.manual_seed(seed)
+    cfg = T.LaraMiniConfig(**dict(_GDN, head_dim=head_dim, linear_key_head_dim=head_dim,
+                                  linear_value_head_dim=head_dim), linear_num_value_heads=v_heads,
+                           linear_conv_kernel_dim=kernel, num_hidden_layers=len(layers), layer_types=list(layers),
+                           sliding_window=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=6,
+                           shared_expert_intermediate_size=6, attention_bias=use_bias, eos_token_id=1, pad_token_id=0)
+    cfg._experts_implementation = "eager"
+    return _finish(T.LaraMiniForCausalLM(cfg), dtype, zero_biases, 1)
+
+
+def tiny_olmo_hybrid(seed=0, v_heads=2, head_dim=4, kernel=3, heads=2, layers=("linear_attention", "full_attention"),
+                     rope=True, use_bias=False, zero_biases=True, dtype=torch.float64, **_):
+    """``rope=False``: the released checkpoints' NoPE (``rope_theta=None``, no position embeddings)."""
+    torch.manual_seed(seed)
+    cfg = T.OlmoHybridConfig(vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_attention_heads=heads,
+                             num_key_value_heads=1, linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+                             linear_num_key_heads=1, linear_num_value_heads=v_heads, linear_conv_kernel_dim=kernel,
+                             num_hidden_layers=len(layers), layer_types=list(layers), attention_bias=use_bias,
+                             eos_token_id=1, pad_token_id=0, tie_word_embeddings=False,
+                             rope_parameters=None if rope else {"rope_type": "default", "rope_theta": None})
+    return _finish(T.OlmoHybridForCausalLM(cfg), dtype, zero_biases, 1)
+
+
+def tiny_qwen4_exp(seed=0, v_heads=2, head_dim=4, kernel=3, layers=2, hc=2, gate="sigmoid", zero_biases=True,
+                   dtype=torch.float64, **_):
+    """Linear-attention layers only (its softmax layers are QSA, no LRP form) and no PLE n-gram embeddings."""
+    torch.manual_seed(seed)
+    cfg = T.Qwen4ExpTextConfig(**dict(_GDN, head_dim=head_dim, linear_key_head_dim=head_dim,
+                                      linear_value_head_dim=head_dim), linear_num_value_heads=v_heads,
+                               linear_conv_kernel_dim=kernel, num_hidden_layers=layers,
+                               layer_types=["linear_attention"] * layers, num_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=6, shared_expert_intermediate_size=6, hc_count=hc, hc_lowrank=3,
+                               ngram_vocab_size_base=1000, eos_token_id=1, pad_token_id=0, output_gate_type=gate)
+    cfg._experts_implementation = "eager"
+    return _finish(T.Qwen4ExpForCausalLM(cfg), dtype, zero_biases, 0)
+
+
+BUILD = {
+    "qwen3_5": tiny_qwen3_5,
+    "qwen3_5_moe": lambda **kw: tiny_qwen3_5(moe=True, **kw),
+    "lfm2_moe": tiny_lfm2_moe,
+    "lfm3": tiny_lfm3,
+    "bailing_hybrid": tiny_bailing,
+    "glm5_next": tiny_glm5_next,
+    "lara_mini": tiny_lara_mini,
+    "olmo_hybrid": tiny_olmo_hybrid,
+    "qwen4_exp": tiny_qwen4_exp,
+}
+EXPECTED = {
+    "qwen3_5": {"Qwen3_5GatedDeltaNet", "Qwen3_5RMSNormGated", "Qwen3_5Attention", "Qwen3_5MLP", "Qwen3_5RMSNorm"},
+    "qwen3_5_moe": {"Qwen3_5MoeGatedDeltaNet", "Qwen3_5MoeRMSNormGated", "Qwen3_5MoeAttention", "Qwen3_5MoeMLP",
+                    "Qwen3_5MoeRMSNorm", "Qwen3_5MoeSparseMoeBlock", "Qwen3_5MoeExperts"},
+    "lfm2_moe": {"Lfm2MoeShortConv", "Lfm2MoeAttention", "Lfm2MoeMLP", "Lfm2MoeSparseMoeBlock", "Lfm2MoeExperts",
+                 "Lfm2MoeRMSNorm"},
+    "lfm3": {"Lfm3ShortConv", "Lfm3Attention", "Lfm3MLP", "Lfm3RMSNorm"},
+    "bailing_hybrid": {"BailingHybridDeltaAttention", "BailingHybridRMSNormGated", "BailingHybridAttention",
+                       "BailingHybridMLP", "BailingHybridMoE", "BailingHybridExperts", "BailingHybridRMSNorm"},
+    "glm5_next": {"Glm5NextTextLinearAttention", "Glm5NextTextRMSNormGated", "Glm5NextTextHyperConnection",
+                  "Glm5NextTextMLP", "Glm5NextTextExperts", "Glm5NextTextMoE", "Glm5NextTextRMSNorm"},
+    "lara_mini": {"LaraMiniGatedDeltaNet", "LaraMiniRMSNormGated", "LaraMiniAttention", "LaraMiniMLP",
+                  "LaraMiniExperts", "LaraMiniSparseMoeBlock", "LaraMiniRMSNorm"},
+    "olmo_hybrid": {"OlmoHybridGatedDeltaNet", "OlmoHybridRMSNormGated", "OlmoHybridAttention", "OlmoHybridMLP",
+                    "OlmoHybridRMSNorm"},
+    "qwen4_exp": {"Qwen4ExpTextGatedDeltaNet", "Qwen4ExpTextRMSNormGated", "Qwen4ExpTextGatedResidual",
+                  "Qwen4ExpTextMLP", "Qwen4ExpTextExperts", "Qwen4ExpTextSparseMoeBlock", "Qwen4ExpTextRMSNorm"},
+}
+_GDN_LAYERS = st.sampled_from([("linear_attention",), ("linear_attention", "full_attention"),
+                               ("full_attention", "linear_attention", "linear_attention")])
+CONFIGS = {
+    "qwen3_5": st.fixed_dictionaries({
+        "seed": st.integers(0, 2**16), "v_heads": st.sampled_from([1, 2]), "head_dim": st.sampled_from([2, 4]),
+        "kernel": st.sampled_from([2, 4]), "layers": _GDN_LAYERS,
+    }),
+}
+CONFIGS["qwen3_5_moe"] = CONFIGS["qwen3_5"]
+CONFIGS["lfm2_moe"] = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "kernel": st.sampled_from([2, 3, 5]),
+    "layers": st.sampled_from([("conv",), ("conv", "full_attention"), ("full_attention", "conv", "conv")]),
+})
+CONFIGS["lfm3"] = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "kernel": st.sampled_from([2, 3, 5]), "gate": st.booleans(),
+    "layers": st.sampled_from([("conv",), ("conv", "sliding_attention"),
+                               ("full_attention", "conv", "sliding_attention")]),
+})
+CONFIGS["bailing_hybrid"] = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "heads": st.sampled_from([1, 2]), "lin_heads": st.sampled_from([1, 2]),
+    "head_dim": st.sampled_from([2, 4]), "kernel": st.sampled_from([2, 4]), "q_rank": st.sampled_from([None, 3]),
+    "layers": _GDN_LAYERS, "dense": st.sampled_from([0, 1, 3]),
+})
+CONFIGS["glm5_next"] = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "lin_heads": st.sampled_from([1, 2]), "head_dim": st.sampled_from([2, 4]),
+    "kernel": st.sampled_from([2, 4]), "hc": st.sampled_from([1, 2, 3]), "layers": st.integers(1, 3),
+    "sparse": st.sampled_from([(), (0,), (1, 2)]), "limit": st.sampled_from([0.5, 10.0]),
+})
+CONFIGS["lara_mini"] = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "v_heads": st.sampled_from([1, 2]), "head_dim": st.sampled_from([2, 4]),
+    "kernel": st.sampled_from([2, 4]),
+    "layers": st.sampled_from([("linear_attention",), ("linear_attention", "sliding_attention"),
+                               ("full_attention", "linear_attention", "sliding_attention")]),
+})
+CONFIGS["olmo_hybrid"] = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "v_heads": st.sampled_from([1, 2]), "head_dim": st.sampled_from([2, 4]),
+    "kernel": st.sampled_from([2, 4]), "heads": st.sampled_from([1, 2]), "rope": st.booleans(),
+    "layers": st.sampled_from([("linear_attention", "full_attention"),  # HF wants one softmax layer at least
+                               ("full_attention", "linear_attention", "linear_attention")]),
+})
+CONFIGS["qwen4_exp"] = st.fixed_dictionaries({
+    "seed": st.integers(0, 2**16), "v_heads": st.sampled_from([1, 2]), "head_dim": st.sampled_from([2, 4]),
+    "kernel": st.sampled_from([2, 4]), "layers": st.integers(1, 3), "hc": st.sampled_from([2, 3]),
+    "gate": st.sampled_from(["sigmoid", "silu"]),
+})
+#: families whose models take biases (attention projections, convs): the bias-absorption test runs on them
+WITH_BIASES = ["qwen3_5", "lfm2_moe", "lfm3", "bailing_hybrid", "lara_mini", "olmo_hybrid"]
+# rule switched off -> conservation error must exceed this; the rules of the forms written for these relatives
+# (Qwen3.5's split-projection Gated DeltaNet), and every rule on one model of each family
+ABLATIONS = {
+    **{("qwen3_5_moe", r): 1e-3 for r in ("identity_act", "detach_ssm", "half_gate", "detach_norm",
+                                          "detach_softmax", "detach_routing")},
+    ("qwen3_5_moe", "exact_casts"): CONSERVE,  # float32 delta rule and norms: ~1e-6 remains
+}
+ABLATIONS.update({
+    **{("lfm2_moe", r): 1e-3 for r in ("identity_act", "half_gate", "detach_norm", "detach_softmax",
+                                       "detach_routing")},
+    ("lfm2_moe", "exact_casts"): CONSERVE,  # float32 RMSNorms
+    **{("lfm3", r): 1e-3 for r in ("identity_act", "half_gate", "detach_norm", "detach_softmax")},
+    **{("bailing_hybrid", r): 1e-3 for r in ("identity_act", "detach_ssm", "half_gate", "detach_norm",
+                                             "detach_softmax", "detach_routing")},
+    ("bailing_hybrid", "exact_casts"): CONSERVE,  # float32 KDA kernel, gated norm and RMSNorms
+    **{("glm5_next", r): 1e-3 for r in ("identity_act", "detach_ssm", "half_gate", "detach_norm",
+                                        "detach_routing")},
+    ("glm5_next", "exact_casts"): CONSERVE,
+    **{(f, r): 1e-3 for f in ("lara_mini", "olmo_hybrid") for r in ("identity_act", "detach_ssm", "half_gate",
+                                                                   "detach_norm", "detach_softmax")},
+    ("lara_mini", "detach_routing"): 1e-3,
+    ("lara_mini", "exact_casts"): CONSERVE,
+    ("olmo_hybrid", "exact_casts"): CONSERVE,
+    **{("qwen4_exp", r): 1e-3 for r in ("identity_act", "detach_ssm", "half_gate", "detach_norm", "detach_routing")},
+    ("qwen4_exp", "exact_casts"): CONSERVE,
+})
+#: the rules of the forms written for these relatives, each switched off in that form only (the other forms keep
+#: every rule): (family, module class, rule). LFM2-MoE's block holds its routing weights, and so does the experts
+#: form it calls: switched off together in ABLATIONS.
+ISOLATED = [
+    ("qwen3_5", "Qwen3_5GatedDeltaNet", "identity_act"),
+    ("qwen3_5", "Qwen3_5GatedDeltaNet", "detach_ssm"),
+    ("qwen3_5", "Qwen3_5GatedDeltaNet", "exact_casts"),
+    ("lfm3", "Lfm3Attention", "identity_act"),
+    ("lfm3", "Lfm3Attention", "half_gate"),
+    ("lfm3", "Lfm3Attention", "detach_softmax"),
+    ("bailing_hybrid", "BailingHybridAttention", "identity_act"),
+    ("bailing_hybrid", "BailingHybridAttention", "half_gate"),
+    ("bailing_hybrid", "BailingHybridAttention", "detach_softmax"),
+    ("glm5_next", "Glm5NextTextHyperConnection", "detach_routing"),
+    ("glm5_next", "Glm5NextTextMLP", "identity_act"),  # the clamps' and SiLU's identity rules
+    ("glm5_next", "Glm5NextTextMLP", "half_gate"),
+    ("glm5_next", "Glm5NextTextExperts", "identity_act"),
+    ("lara_mini", "LaraMiniRMSNorm", "detach_norm"),
+    ("lara_mini", "LaraMiniRMSNorm", "exact_casts"),
+    ("olmo_hybrid", "OlmoHybridGatedDeltaNet", "identity_act"),
+    ("olmo_hybrid", "OlmoHybridGatedDeltaNet", "detach_ssm"),
+    ("olmo_hybrid", "OlmoHybridAttention", "detach_softmax"),  # q/k norms over the whole projection
+    ("olmo_hybrid", "OlmoHybridRMSNorm", "detach_norm"),
+    ("olmo_hybrid", "OlmoHybridRMSNorm", "exact_casts"),
+    ("qwen4_exp", "Qwen4ExpTextGatedResidual", "detach_routing"),
+    ("qwen4_exp", "Qwen4ExpTextRMSNorm", "detach_norm"),
+    ("qwen4_exp", "Qwen4ExpTextRMSNorm", "exact_casts"),
+]
+#: family -> the class whose form refuses a cached continuation (the first layer's mixer)
+CACHED = {"qwen3_5": "Qwen3_5GatedDeltaNet", "qwen3_5_moe": "Qwen3_5MoeGatedDeltaNet",
+          "lfm2_moe": "Lfm2MoeShortConv", "lfm3": "Lfm3ShortConv", "bailing_hybrid": "BailingHybridDeltaAttention",
+          "lara_mini": "LaraMiniGatedDeltaNet", "olmo_hybrid": "OlmoHybridGatedDeltaNet"}
+#: linear-only models HF itself cannot run with a cache (its hybrid cache needs a softmax layer to report a length)
+NO_HF_CACHE = {"qwen4_exp"}
+
+
+# ----------------------------------------------------------------------------- registry, values
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_every_relative_class_has_a_form(family):
+    found = {type(m).__name__ for m in BUILD[family]().modules() if find_lrp_form(m) is not None}
+    assert found >= EXPECTED[family], found
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_canonized_logits_identical(family, dtype):
+    model = BUILD[family](seed=1, dtype=dtype, zero_biases=False, use_bias=True)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    cached = family not in NO_HF_CACHE
+    ref = model(ids, attention_mask=mask, use_cache=False).logits
+    ref_cache = model(ids, attention_mask=mask, use_cache=True).logits if cached else ref
+    with GatedLinearComposite().context(model):
+        assert any(is_canonized(m) for m in model.modules())
+        out = model(ids, attention_mask=mask, use_cache=False).logits
+        # a fresh cache filled as HF fills it
+        out_cache = model(ids, attention_mask=mask, use_cache=True).logits if cached else out
+    assert torch.equal(out, ref) and torch.equal(out_cache, ref_cache)
+
+
+# ----------------------------------------------------------------------------- conservation
+@pytest.mark.parametrize("family", sorted(BUILD))
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(length=st.integers(1, 12), batch=st.integers(1, 2), padded=st.booleans(), data=st.data())
+def test_conservation_exact(family, length, batch, padded, data):
+    model = BUILD[family](**data.draw(CONFIGS[family]))
+    ids = torch.randint(1, VOCAB, (batch, length))
+    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
+    mask = None
+    if padded:
+        mask = torch.ones(batch, length, dtype=torch.long)
+        mask[0, : data.draw(st.integers(0, length - 1))] = 0  # left padding
+    R, f, _ = relevance(model, ids, target, mask=mask)
+    assert R.shape == (batch, length)
+    assert rel_conservation(R, f) <= CONSERVE
+    if mask is not None:  # every mixer masks padded positions (states zeroed, keys masked): they carry nothing
+        assert torch.all(R[mask == 0] == 0)
+
+
+@pytest.mark.parametrize("family", WITH_BIASES)
+def test_bias_absorption_accounts_for_the_difference(family):
+    """With biases: Σ R + Σ b ⊙ grad_b = f."""
+    model = BUILD[family](seed=3, zero_biases=False, use_bias=True)
+    ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
+    R, f, absorbed = relevance(model, ids, torch.tensor([3]), with_biases=True)
+    assert abs(float((R.sum() + absorbed - f.sum()) / f.sum())) <= CONSERVE
+    assert abs(float(absorbed / f.sum())) > 1e-6
+
+
+def test_conservation_float32():
+    for family, build in BUILD.items():
+        model = build(seed=3, dtype=torch.float32)
+        ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+        R, f, _ = relevance(model, ids, torch.tensor([1, 2]))
+        assert rel_conservation(R.double(), f.double()) < 1e-4, family
+
+
+# ----------------------------------------------------------------------------- ablations
+@pytest.mark.parametrize("family,rule", sorted(ABLATIONS))
+def test_ablation_breaks_conservation(family, rule):
+    model = BUILD[family](seed=0)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([3, 7])
+    R, f, _ = relevance(model, ids, target)
+    assert rel_conservation(R, f) <= CONSERVE
+    R, f, _ = relevance(model, ids, target, GatedLinearComposite(GatedLinearRules().without(rule)))
+    assert rel_conservation(R, f) > ABLATIONS[family, rule]
+
+
+def _isolated(model, cls_name, rule=None):
+    """A composite with every rule, except ``rule`` switched off in the form of ``cls_name`` only."""
+    form = next(find_lrp_form(m) for m in model.modules() if type(m).__name__ == cls_name)
+    others = [f for f in lrp_forms() if f is not form]
+    composite = GatedLinearComposite()
+    composite.canonizers = [GatedLinearCanonizer(forms=others),
+                            GatedLinearCanonizer(GatedLinearRules().without(*[rule] if rule else []), forms=[form])]
+    return composite
+
+
+@pytest.mark.parametrize("family,cls_name,rule", ISOLATED)
+def test_new_form_rule_ablation(family, cls_name, rule):
+    """Each rule of a form written for a relative matters: switched off in that form alone, conservation breaks."""
+    model = BUILD[family](seed=0)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    target = torch.tensor([3, 7])
+    R, f, _ = relevance(model, ids, target, _isolated(model, cls_name))
+    assert rel_conservation(R, f) <= CONSERVE  # the split composite itself conserves
+    R, f, _ = relevance(model, ids, target, _isolated(model, cls_name, rule))
+    # without exact casts only the delta rule's float32 rounding is lost (7e-9 measured; 1e-15 with it). The
+    # hyper-connection weights are functions of RMS-normalised streams, homogeneous of degree 0 but for ε, so
+    # x · ∇ through them nearly cancels: 1.7e-5 lost when they are not held (1e-15 held).
+    bound = 1e-10 if rule == "exact_casts" else 1e-6 if cls_name == "Glm5NextTextHyperConnection" else 1e-3
+    assert rel_conservation(R, f) > bound
+
+
+# ----------------------------------------------------------------------------- model left as it was, cache
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_model_restored_and_captum_class(family):
+    model = BUILD[family](seed=4, zero_biases=False, use_bias=True)
+    before = model_state(model)
+    ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
+    with GatedLinearComposite().context(model):
+        model(ids, use_cache=False).logits.sum().backward()
+    model.zero_grad(set_to_none=True)
+    assert_restored(model, before)
+    with pytest.raises(RuntimeError, match="boom"):
+        with GatedLinearComposite().context(model):
+            raise RuntimeError("boom")
+    assert_restored(model, before)
+    R = GatedLinearLRP(model).attribute(ids, target=[2, 9])
+    R_ref, _, _ = relevance(model, ids, torch.tensor([2, 9]))
+    assert torch.allclose(R, R_ref, rtol=0, atol=1e-13)
+    assert_restored(model, before)
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("family", sorted(CACHED))
+def test_cached_continuation_refused(family):
+    model = BUILD[family](seed=2)
+    ids = torch.randint(1, VOCAB, (1, 6))
+    out = model(ids, use_cache=True)
+    before = model_state(model)
+    with pytest.raises(LRPError, match=f"{CACHED[family]} layer 0: this call continues from a cached state"):
+        with GatedLinearComposite().context(model):
+            model(ids[:, -1:], use_cache=True, cache=out.cache)
+    assert_restored(model, before)
+
+
+def test_qwen3_5_across_hf_chunks():
+    """L = 70 crosses HF's 64-token chunk of the delta rule (the value's kernel); the relevance still conserves."""
+    model = tiny_qwen3_5(seed=9, layers=("linear_attention", "linear_attention"))
+    ids = torch.randint(1, VOCAB, (1, 70), generator=torch.Generator().manual_seed(9))
+    R, f, _ = relevance(model, ids, torch.tensor([4]))
+    assert rel_conservation(R, f) <= CONSERVE
+
+
+def test_glm5_clamps_engage():
+    """The clamped SwiGLU's clamps are active on the tiny GLM-5-Next (so the ablations above exercise them)."""
+    model = tiny_glm5_next(seed=0)
+    seen = []
+    mlp = model.model.layers[0].mlp
+    handle = mlp.up_proj.register_forward_hook(lambda m, a, o: seen.append(o))
+    model(torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)), use_cache=False)
+    handle.remove()
+    assert (seen[0].abs() > mlp.swiglu_limit).any() and (seen[0].abs() < mlp.swiglu_limit).any()
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("family", sorted(BUILD))
+def test_gpu_canonized_model(family):
+    """On CUDA transformers may call fused kernels (fla's chunked delta rule / KDA, causal-conv1d); the LRP forms
+    run HF's torch paths for the relevance (HF's own kernel for the delta rule's value), so logits agree to float32
+    rounding and relevance conserves to float32 rounding."""
+    model = BUILD[family](seed=8, dtype=torch.float32).cuda()
+    ids = torch.randint(1, VOCAB, (2, 32), device="cuda")
+    ref = model(ids, use_cache=False).logits
+    with GatedLinearComposite().context(model):
+        out = model(ids, use_cache=False).logits
+    assert rel_err(out, ref) < 1e-4
+    R, f, _ = relevance(model, ids, torch.tensor([1, 2], device="cuda"))
+    assert rel_conservation(R.double(), f.double()) < 1e-4
