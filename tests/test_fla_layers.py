@@ -33,6 +33,10 @@ from captum_implicit.core.errors import CaptureError
 from conftest import rel_err, requires_cuda
 
 fla = pytest.importorskip("fla")
+# fla's kernels leave tl.dot's float32 precision to Triton's default, TF32 on Hopper (10-bit mantissa, ~1e-3);
+# in IEEE mode they compute in float32, so the exact closed form must match them to float32 rounding
+os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+
 import fla.layers as fl  # noqa: E402
 
 HIDDEN = 32
@@ -281,10 +285,10 @@ def test_package_imports_without_fla():
 
 
 # ---------------------------------------------------------------- GPU: fla's real Triton kernels, nothing routed
-# float32: fla's kernels feed float32 operands to tl.dot, which may use TF32 (10-bit mantissa): ~1e-3.
+# float32: fla's kernels in IEEE mode (TRITON_F32_DEFAULT=ieee, set at the top): float32 rounding.
 # bfloat16: the kernel output, the norm output and the gate are each rounded to bf16 (2^-8 ≈ 4e-3 relative)
 # before o_proj, while the closed form runs in float32/float64 from the bf16 kernel inputs: ~1e-2.
-GPU_BOUNDS = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
+GPU_BOUNDS = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 
 
 @pytest.mark.gpu
@@ -294,6 +298,8 @@ GPU_BOUNDS = {torch.float32: 2e-3, torch.bfloat16: 3e-2}
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_triton_kernels_on_gpu(kind, length, dtype):
     """Default fla configs (short convs on where the layer has them); L ≤ 64: fused_recurrent, else chunk."""
+    if dtype == torch.float32 and length > 64 and kind.startswith("deltanet"):
+        pytest.skip("fla's chunk_delta_rule refuses float32 ('Please use bfloat16'); bf16 is tested")
     model = make(kind, torch.float32, 5, cpu=False).to("cuda", dtype)
     x = _x(6, length, torch.float32).to("cuda", dtype)
     attn, ref, out = run(model, x)

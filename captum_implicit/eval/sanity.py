@@ -145,8 +145,15 @@ def mprt(
             for p, v in saved:
                 p.copy_(v)
 
+    def explain() -> Tensor:
+        # stochastic explainers (KernelShap's coalitions) draw the same samples for every model, whatever ran
+        # before: ρ then measures the model change, not sampling noise, and is the same on every device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return explainer(input_ids, attention_mask, target).detach()
+
     try:
-        ref = explainer(input_ids, attention_mask, target).detach()
+        ref = explain()
         rho_abs, rho_signed = [], []
         for _, params in groups:
             if order == "independent":
@@ -154,7 +161,7 @@ def mprt(
             elif order != "cascading":
                 raise ValueError(f"order must be 'cascading' or 'independent', got {order!r}")
             randomise_(params, gen)
-            r = explainer(input_ids, attention_mask, target).detach()
+            r = explain()
             rho_abs.append(spearman(ref.abs(), r.abs(), valid))
             rho_signed.append(spearman(ref, r, valid))
     finally:

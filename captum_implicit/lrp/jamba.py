@@ -124,7 +124,13 @@ def jamba_moe_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Ten
     """LRP form of ``JambaSparseMoeBlock.forward``: the router's weights held constant."""
     batch, seq_len, hidden = hidden_states.shape
     flat = hidden_states.view(-1, hidden)
-    _, weights, index = module.router(flat)
+    routed = module.router(flat)
+    if not (isinstance(routed, tuple) and len(routed) == 3):  # transformers < 5.2x: a Linear router
+        raise LRPError(
+            f"{type(module).__name__}: this transformers version routes inside the block (its router returns "
+            f"{type(routed).__name__}); the Jamba LRP form follows the router of transformers ≥ 5.2x"
+        )
+    _, weights, index = routed
     out = module.experts(flat, index, hold(weights, rules.detach_routing))
     return out.reshape(batch, seq_len, hidden)
 
