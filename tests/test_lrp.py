@@ -486,3 +486,23 @@ def test_gpu_canonized_model(dtype):
     assert rel_err(out, ref) < (1e-4 if dtype == torch.float32 else 1e-10)
     R, f = conservation(model, ids, torch.tensor([1, 2], device="cuda"))
     assert conservation_error(R.double(), f.double()) < (1e-4 if dtype == torch.float32 else CONSERVE)
+
+
+def test_mixer_without_lrp_form_is_refused():
+    """A registered token mixer with no LRP form would run its plain forward and leak relevance: the composite
+    refuses the model by name (before touching it); ``strict=False`` runs it anyway."""
+    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+
+    torch.manual_seed(0)
+    model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=16, hidden_size=8, state_size=4,
+                                                     num_hidden_layers=1, expand=2)).double().eval()
+    ids = torch.randint(0, 16, (1, 6))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(LRPError, match="FalconMambaMixer"):
+        with GatedLinearComposite().context(model):
+            pass
+    assert all("forward" not in vars(m) for m in model.modules())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with GatedLinearComposite(strict=False).context(model):
+        out = model(ids, use_cache=False).logits
+    assert torch.equal(out, model(ids, use_cache=False).logits)

@@ -287,20 +287,6 @@ class _EmbedsForward(nn.Module):
         return self._tm.logits_from_embeds(inputs_embeds, attention_mask)
 
 
-def lrp_unsupported_layers(model: nn.Module) -> list[str]:
-    """Names of the model's gated-linear layers (those a capture adapter recognises) that no LRP form
-    covers. Without a form such a layer would run its plain forward, and ``GatedLinearLRP`` would
-    silently return gradient × input instead of LRP."""
-    from ..core.registry import find_adapter
-    from ..lrp.canonizers import find_lrp_form
-
-    return [
-        f"{name} ({type(m).__name__})"
-        for name, m in model.named_modules()
-        if find_adapter(m) is not None and find_lrp_form(m) is None
-    ]
-
-
 def gated_linear_lrp(tm: TokenModel, composite: Any = None) -> Explainer:
     """:class:`~captum_implicit.lrp.GatedLinearLRP` (default composite: exact gradient × input LRP).
 
@@ -313,7 +299,9 @@ def gated_linear_lrp(tm: TokenModel, composite: Any = None) -> Explainer:
     from ..core.errors import UnsupportedModelError
     from ..lrp import GatedLinearLRP
 
-    missing = lrp_unsupported_layers(tm.model)
+    from ..lrp.canonizers import mixers_without_lrp_form
+
+    missing = mixers_without_lrp_form(tm.model)
     if missing:
         raise UnsupportedModelError(
             f"no LRP form for {len(missing)} layer(s), e.g. {missing[0]}; GatedLinearLRP supports "

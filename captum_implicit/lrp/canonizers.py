@@ -142,6 +142,18 @@ def find_lrp_form(module: nn.Module, forms: Sequence[LRPForm] | None = None) -> 
     return None
 
 
+def mixers_without_lrp_form(model: nn.Module) -> list[str]:
+    """``"name (Class)"`` of every token mixer in ``model`` that captum-implicit explains (a registered capture
+    adapter) but no LRP form covers: such a layer would run its plain forward and leak relevance."""
+    from ..core.registry import find_adapter
+
+    return [
+        f"{name} ({type(m).__name__})"
+        for name, m in model.named_modules()
+        if find_adapter(m) is not None and find_lrp_form(m) is None
+    ]
+
+
 _MARK = "__captum_implicit_lrp_form__"
 
 

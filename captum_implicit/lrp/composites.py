@@ -22,7 +22,7 @@ from zennit.canonizers import Canonizer
 from zennit.composites import LayerMapComposite, register_composite
 from zennit.core import Hook
 
-from .canonizers import MAMBALRP_RULES, GatedLinearCanonizer, GatedLinearRules
+from .canonizers import MAMBALRP_RULES, GatedLinearCanonizer, GatedLinearRules, LRPError, mixers_without_lrp_form
 from .rules import GIGamma, GIRule
 
 LayerMap = Sequence[tuple[Any, Hook]]
@@ -51,6 +51,11 @@ class GatedLinearComposite(LayerMapComposite):
         Only :class:`~captum_implicit.lrp.rules.GIRule` instances are accepted.
     canonizers : list of zennit Canonizer, optional
         Further canonizers, applied after the gated-linear one.
+    strict : bool
+        Refuse (:class:`LRPError`, on registration) a model containing a token mixer that
+        captum-implicit explains (a registered adapter class) but has no LRP form for: without its
+        form such a layer runs its plain forward and relevance is not conserved. ``False``
+        lets it run as is (the convergence delta then shows the leak).
 
     Examples
     --------
@@ -64,20 +69,34 @@ class GatedLinearComposite(LayerMapComposite):
         rules: GatedLinearRules | None = None,
         layer_map: LayerMap | None = None,
         canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = True,
     ) -> None:
         self.rules = rules if rules is not None else GatedLinearRules()
+        self.strict = strict
         super().__init__(
             layer_map=_check_gi(layer_map or []),
             canonizers=[GatedLinearCanonizer(self.rules), *(canonizers or [])],
         )
 
     def register(self, module: nn.Module) -> None:
+        if self.strict:
+            _refuse_mixers_without_form(module)
         # undo everything if a canonizer or hook fails half-way (Zennit would leave it applied)
         try:
             super().register(module)
         except BaseException:
             self.remove()
             raise
+
+
+def _refuse_mixers_without_form(model: nn.Module) -> None:
+    missing = mixers_without_lrp_form(model)
+    if missing:
+        raise LRPError(
+            f"no LRP form for the token mixer(s) {', '.join(missing)}: relevance would not be conserved through "
+            "them. Register one with captum_implicit.lrp.register_lrp_form, or pass strict=False to run them "
+            "unchanged (docs/supported.md lists the classes with LRP forms)."
+        )
 
 
 class MambaLRPComposite(GatedLinearComposite):
@@ -98,11 +117,12 @@ class MambaLRPComposite(GatedLinearComposite):
         gamma: float | None = None,
         layer_map: LayerMap | None = None,
         canonizers: Sequence[Canonizer] | None = None,
+        strict: bool = True,
     ) -> None:
         layer_map = list(layer_map or [])
         if gamma is not None:
             layer_map += [((nn.Linear, nn.Conv1d), GIGamma(gamma))]
-        super().__init__(rules=MAMBALRP_RULES, layer_map=layer_map, canonizers=canonizers)
+        super().__init__(rules=MAMBALRP_RULES, layer_map=layer_map, canonizers=canonizers, strict=strict)
 
 
 register_composite("gated_linear")(GatedLinearComposite)
