@@ -36,14 +36,40 @@ def tiny_falcon_mamba(seed=0, hidden=8, state=4, expand=2, kernel=3, rank=2, lay
     ))
 
 
+def tiny_zamba(seed=0, hidden=16, mamba_heads=2, state=4, kernel=3, rank=2, heads=2, kv_heads=None, layers=6,
+               attn="sdpa"):
+    """Hybrid layers at depths 2 and 4 of 6 (Zamba needs at least two: the shared block is tied across them)."""
+    return transformers.ZambaForCausalLM(transformers.ZambaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads or heads, n_mamba_heads=mamba_heads,
+        mamba_d_state=state, mamba_d_conv=kernel, mamba_dt_rank=rank, attn_layer_period=2, attn_layer_offset=1,
+        attn_implementation=attn,
+    ))
+
+
+def _share_block(model):
+    """The same ``ZambaAttentionDecoderLayer`` instance at every hybrid depth (HF 5.24 builds one instance per depth
+    with tied parameters; the instance then runs several times per forward)."""
+    hybrids = [layer for layer in model.model.layers if hasattr(layer, "shared_transf")]
+    for layer in hybrids[1:]:
+        layer.shared_transf = hybrids[0].shared_transf
+    return model
+
+
 MAKERS = {
     "falcon_mamba": tiny_falcon_mamba,
     "falcon_mamba_fp64_residual": lambda **kw: tiny_falcon_mamba(residual_in_fp32=False, **kw),
+    "zamba": tiny_zamba,
+    "zamba_eager": lambda **kw: tiny_zamba(attn="eager", **kw),  # HF's eager attention (the form's fallback)
+    "zamba_shared": lambda **kw: _share_block(tiny_zamba(**kw)),
 }
 KINDS = list(MAKERS)
 EXPECTED = {
     "falcon_mamba": {"FalconMambaMixer", "FalconMambaWeightlessRMSNorm", "FalconMambaRMSNorm", "FalconMambaBlock"},
     "falcon_mamba_fp64_residual": {"FalconMambaMixer"},
+    "zamba": {"ZambaMambaMixer", "ZambaAttention", "ZambaMLP", "ZambaRMSNorm"},
+    "zamba_eager": {"ZambaAttention"},
+    "zamba_shared": {"ZambaAttention", "ZambaMLP"},
 }
 HYPOTHESIS_CONFIGS = {
     "falcon_mamba": st.fixed_dictionaries({
@@ -51,6 +77,11 @@ HYPOTHESIS_CONFIGS = {
         "kernel": st.sampled_from([2, 3, 4]), "rank": st.integers(1, 3), "layers": st.integers(1, 2),
         "residual_in_fp32": st.booleans(),
     }),
+    "zamba": st.fixed_dictionaries({
+        "hidden": st.sampled_from([8, 16]), "mamba_heads": st.sampled_from([1, 2]), "state": st.sampled_from([2, 4]),
+        "kernel": st.sampled_from([2, 3, 4]), "rank": st.integers(1, 2), "heads": st.sampled_from([1, 2]),
+    }),
+    "zamba_shared": st.fixed_dictionaries({"mamba_heads": st.sampled_from([1, 2])}),
 }
 
 
@@ -93,7 +124,14 @@ def test_canonized_logits_identical(kind, dtype):
         assert any(is_canonized(m) for m in model.modules())
         out = model(ids, attention_mask=mask, use_cache=False).logits
         out_cache = model(ids, attention_mask=mask, use_cache=True).logits  # a fresh cache filled as HF fills it
-    assert torch.equal(out, ref) and torch.equal(out_cache, ref_cache)
+    assert _identical(out, ref) and _identical(out_cache, ref_cache)
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, NaNs in the same places: HF Zamba's eager attention in float64 takes its softmax in float32, where
+    the float64 mask minimum is -inf, so a left-padded (fully masked) query row is NaN, and the Mamba layers' padding
+    masks (0 · NaN) spread it over that sequence. The model's own output; the form reproduces it."""
+    return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
 
 
 # ----------------------------------------------------------------------------- conservation
@@ -138,6 +176,8 @@ ABLATIONS = {
     # rule switched off -> conservation error must exceed this (each rule matters on these models)
     **{("falcon_mamba", r): 1e-3 for r in _MAMBA},
     ("falcon_mamba", "exact_casts"): CONSERVE,  # float32 norms, residual and scan input: ~1e-7 remains
+    **{("zamba_shared", r): 1e-3 for r in (*_MAMBA, "detach_softmax")},
+    ("zamba_shared", "exact_casts"): CONSERVE,
 }
 
 
@@ -204,6 +244,58 @@ def test_cached_continuation_refused(kind):
         with GatedLinearComposite().context(model):
             model(ids[:, -1:], use_cache=True, cache=out.cache)
     assert_restored(model, before)
+
+
+# ----------------------------------------------------------------------------- Zamba's shared block
+def test_zamba_shared_instance_equals_tied_copies():
+    """One block instance run at two depths gives the relevance of two weight-tied instances, token by token (each
+    call keeps its own held tensors)."""
+    import copy
+
+    tied = build("zamba", seed=5)
+    shared = _share_block(copy.deepcopy(tied))
+    blocks = [layer.shared_transf for layer in shared.model.layers if hasattr(layer, "shared_transf")]
+    assert len(blocks) == 2 and blocks[0] is blocks[1]
+    calls = []
+    handle = blocks[0].register_forward_pre_hook(lambda m, a: calls.append(1))
+    ids, target = _ids(2, 11, 5), torch.tensor([4, 8])
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        assert torch.equal(shared(ids, attention_mask=mask, use_cache=False).logits,
+                           tied(ids, attention_mask=mask, use_cache=False).logits)
+    assert len(calls) == 2  # the one instance ran at both depths
+    handle.remove()
+    R_shared, f, _ = relevance(shared, ids, target, mask=mask)
+    R_tied, f_tied, _ = relevance(tied, ids, target, mask=mask)
+    assert torch.equal(f, f_tied)
+    assert torch.allclose(R_shared, R_tied, rtol=0, atol=1e-12 * float(R_tied.abs().max()))
+    assert rel_conservation(R_shared, f) <= CONSERVE
+
+
+def test_zamba_mixer_heads_are_separate_scans():
+    """Known answer on the interleaved in_proj: with ``out_proj`` reading only head 0's channels, the relevance of
+    the mixer's output equals that of a run where head 1's scan input (in_proj rows 2i, i in head 1) is zeroed."""
+    model = build("zamba", seed=6, layers=6)
+    mixer = model.model.layers[0].mamba
+    heads, d = mixer.n_mamba_heads, mixer.mamba_head_dim
+    assert heads == 2
+    with torch.no_grad():
+        mixer.out_proj.weight[:, d:] = 0  # only head 0 reaches the output
+    from captum_implicit.lrp.zamba import zamba_mixer_lrp
+
+    x = torch.randn(2, 7, mixer.hidden_size, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    x.requires_grad_()
+    y = zamba_mixer_lrp(mixer, GatedLinearRules(), x)
+    assert torch.equal(y.detach(), mixer(x.detach()))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    with torch.no_grad():
+        mixer.in_proj.weight[2 * d: 4 * d: 2] = 0  # head 1's conv input channels (interleaved: even rows)
+    y2 = zamba_mixer_lrp(mixer, GatedLinearRules(), x)
+    (g2,) = torch.autograd.grad(y2.sum(), x)
+    assert torch.equal(y.detach(), y2.detach())
+    assert torch.allclose(g, g2, rtol=0, atol=1e-14)
+    assert rel_err((x * g).sum(), y.sum()) <= 1e-12  # the mixer alone conserves (no biases: the conv's is zero)
 
 
 # ----------------------------------------------------------------------------- GPU
