@@ -490,19 +490,22 @@ def test_gpu_canonized_model(dtype):
 
 def test_mixer_without_lrp_form_is_refused():
     """A registered token mixer with no LRP form would run its plain forward and leak relevance: the composite
-    refuses the model by name (before touching it); ``strict=False`` runs it anyway."""
-    from transformers import FalconMambaConfig, FalconMambaForCausalLM
+    refuses the model by name (before touching it); ``strict=False`` runs it anyway. The example: the toy mixer,
+    registered as a capture adapter for this test only (it has no LRP form)."""
+    from _attr_models import ToyClassifier, toy_registered
 
-    torch.manual_seed(0)
-    model = FalconMambaForCausalLM(FalconMambaConfig(vocab_size=16, hidden_size=8, state_size=4,
-                                                     num_hidden_layers=1, expand=2)).double().eval()
-    ids = torch.randint(0, 16, (1, 6))
+    model = ToyClassifier(channels=3, length=8, depth=2)
+    ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(LRPError, match="FalconMambaMixer"):
-        with GatedLinearComposite().context(model):
-            pass
-    assert all("forward" not in vars(m) for m in model.modules())
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
-    with GatedLinearComposite(strict=False).context(model):
-        out = model(ids, use_cache=False).logits
-    assert torch.equal(out, model(ids, use_cache=False).logits)
+    ref = model(ids)
+    with toy_registered():
+        with pytest.raises(LRPError, match=r"mixers\.0 \(ToyMixer\)"):
+            with GatedLinearComposite().context(model):
+                pass
+        assert all("forward" not in vars(m) for m in model.modules())
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        with GatedLinearComposite(strict=False).context(model):
+            out = model(ids)
+    assert torch.equal(out, ref)
+    with GatedLinearComposite().context(model):  # unregistered again: nothing to refuse
+        assert torch.equal(model(ids), ref)

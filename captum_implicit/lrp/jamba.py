@@ -38,19 +38,22 @@ def jamba_mixer_lrp(
     attention_mask: Tensor | None = None,
     **kwargs: Any,
 ) -> Tensor:
-    """LRP form of ``JambaMambaMixer.forward``; (b, L, H) -> (b, L, H)."""
+    """LRP form of ``JambaMambaMixer.forward``; (b, L, H) -> (b, L, H).
+
+    Also ``FalconMambaMixer``'s (the same forward: norms on Δ, B and C called as modules, weight-free there).
+    """
     import torch.nn.functional as F
 
     if cache is None:
         cache = kwargs.pop("cache_params", None)
-    idx = module.layer_idx
+    idx, name = module.layer_idx, type(module).__name__
     if cache is not None and (cache.get_conv_state(idx) is not None or cache.get_recurrent_state(idx) is not None):
         raise LRPError(
-            f"JambaMambaMixer layer {idx}: this call continues from a cached state; run the full sequence in one "
+            f"{name} layer {idx}: this call continues from a cached state; run the full sequence in one "
             "forward (use_cache=False)."
         )
     if module.use_mambapy:
-        raise LRPError("JambaMambaMixer: use_mambapy=True (pscan) is not mirrored by the LRP form; set it False")
+        raise LRPError(f"{name}: use_mambapy=True (pscan) is not mirrored by the LRP form; set it False")
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
     hidden_states = mask_padding(hidden_states, attention_mask)
     x, gate = module.in_proj(hidden_states).transpose(1, 2).chunk(2, dim=1)

@@ -22,6 +22,7 @@ A call that continues from a cached state is refused (:class:`LRPError`).
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import Tensor, nn
@@ -45,10 +46,14 @@ def zamba2_attention_lrp(
     position_embeddings: tuple[Tensor, Tensor] | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
-    """LRP form of ``Zamba2Attention.forward``: (b, L, 2H) -> ((b, L, H), weights); q and k held constant."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    from transformers.models.zamba2.modeling_zamba2 import apply_rotary_pos_emb, eager_attention_forward
+    """LRP form of ``Zamba2Attention.forward``: (b, L, 2H) -> ((b, L, H), weights); q and k held constant.
 
+    Also ``ZambaAttention``'s (Zamba v1: the same forward without adapters and RoPE). The module's own modeling
+    file supplies RoPE and the eager attention.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    hf = sys.modules[type(module).__module__]
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     input_shape = hidden_states.shape[:-1]
@@ -56,7 +61,7 @@ def zamba2_attention_lrp(
     query = module.q_proj(hidden_states)
     key = module.k_proj(hidden_states)
     value = module.v_proj(hidden_states)
-    if module.config.use_shared_attention_adapter:
+    if getattr(module.config, "use_shared_attention_adapter", False):
         adapter = module.layer_dic[layer_idx]  # this depth's adapters (linear)
         query = query + module.linear_q_adapter_list[adapter](hidden_states)
         key = key + module.linear_k_adapter_list[adapter](hidden_states)
@@ -64,20 +69,23 @@ def zamba2_attention_lrp(
     query = query.view(hidden_shape).transpose(1, 2)
     key = key.view(hidden_shape).transpose(1, 2)
     value = value.view(hidden_shape).transpose(1, 2)
-    if module.config.use_mem_rope:
+    if getattr(module.config, "use_mem_rope", False):
         cos, sin = position_embeddings
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
     query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
     if cache is not None:
         if cache.get_seq_length(layer_idx) > 0:
             raise LRPError(
-                f"Zamba2Attention at layer {layer_idx}: this call continues from a cached state; run the full "
+                f"{type(module).__name__} at layer {layer_idx}: this call continues from a cached state; run the full "
                 "sequence in one forward (use_cache=False)."
             )
-        cached_key, _ = cache.update(key.detach(), value.detach(), layer_idx, kwargs=kwargs)
+        cached_key, cached_value = cache.update(key.detach(), value.detach(), layer_idx, kwargs=kwargs)
         if cached_key.shape != key.shape:
-            raise LRPError("Zamba2Attention: the cache changed the key length on a first call")
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
+            raise LRPError(f"{type(module).__name__}: the cache changed the key length on a first call")
+        # HF attends over the cache's copies (contiguous after its torch.cat): same layout, same float32 rounding
+        key = key.contiguous() if cached_key.is_contiguous() else key
+        value = value.contiguous() if cached_value.is_contiguous() else value
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
     out, weights = interface(
         module, query, key, value, attention_mask,
         dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs,
