@@ -89,7 +89,8 @@ def diagonal_ssm_tile(
     r0, r1 = rows.start, rows.stop
     k0, k1 = cols.start, cols.stop
     bsz, nch = cum.shape[0], cum.shape[1]
-    if k0 < r1 and r1 - r0 >= 2 * SSM_CHUNK:
+    if r0 < k1 and k0 < r1 and r1 - r0 >= 2 * SSM_CHUNK:
+        # tiles crossing the diagonal; a tile entirely left of it needs one pivot (one matmul) below
         return _chunked_ssm_tile(cum, rate, c_at, b_at, rows, cols, out_dtype, SSM_CHUNK)
     out = torch.zeros(bsz, nch, r1 - r0, k1 - k0, dtype=out_dtype, device=cum.device)
     if k0 >= r1:  # entirely above the diagonal
