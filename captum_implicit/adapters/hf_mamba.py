@@ -11,11 +11,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..core.capture import Recording
+from ..core.capture import FALLBACK_WRAPPERS, Recording
 from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.mamba import MambaAttention, build_mamba_attention
 from ._common import argument, positional
+from ._scan_backward import linear_backward_scan
 
 _TF = "transformers.models"
 
@@ -80,6 +81,9 @@ def _mamba_functions(model: str) -> tuple[str, ...]:
 
 
 _GPU_KERNELS = "mamba-ssm CUDA selective scan + causal-conv1d (when installed), fp32/bf16"
+
+# HF Mamba's torch scan: same forward, O(L) instead of O(L²) backward (adapters/_scan_backward.py)
+FALLBACK_WRAPPERS[f"{_TF}.mamba.modeling_mamba.mamba_selective_scan"] = linear_backward_scan
 
 for _model, _cls, _gpu, _note in [
     ("mamba", "MambaMixer", _GPU_KERNELS, "MambaModel / MambaForCausalLM"),

@@ -237,12 +237,15 @@ def conv_right(inner: Tensor, weight: Tensor, width: int) -> Tensor:
         Number of output columns.
     """
     taps = weight.shape[-1]
-    need = width + taps - 1
-    if inner.shape[-1] < need:
-        inner = torch.nn.functional.pad(inner, (0, need - inner.shape[-1]))
+    have = inner.shape[-1]
+    if have < width:
+        inner = torch.nn.functional.pad(inner, (0, width - have))
     out = inner[..., :width] * weight[None, :, None, taps - 1 : taps]
-    for j in range(1, taps):
-        out = out + inner[..., j : j + width] * weight[None, :, None, taps - 1 - j : taps - j]
+    # missing halo columns are zero: each shifted term only touches the columns it reaches (no padded copy),
+    # accumulated in place
+    for j in range(1, min(taps, have)):
+        span = min(width, have - j)
+        out[..., :span].addcmul_(inner[..., j : j + span], weight[None, :, None, taps - 1 - j : taps - j])
     return out
 
 

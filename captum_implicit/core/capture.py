@@ -67,6 +67,11 @@ class Recording:
         return [c for c in self.calls if c.name == name]
 
 
+#: qualified kernel name -> wrapper of its pure-torch fallback with the same forward values and a cheaper
+#: backward (e.g. ``adapters._scan_backward``); registered by adapters, used where the capture forces the fallback
+FALLBACK_WRAPPERS: dict[str, Callable[[Callable], Callable]] = {}
+
+
 def torch_fallback_of(fn: Callable) -> Callable | None:
     """The pure-torch implementation behind a transformers kernel wrapper, if ``fn`` is one.
 
@@ -247,6 +252,8 @@ class Capture:
     def _recorder(self, qualified: str, original: Callable) -> Callable:
         short = qualified.rpartition(".")[2]
         fallback = torch_fallback_of(original)
+        faster = FALLBACK_WRAPPERS.get(qualified)
+        run_fallback = faster(fallback) if faster is not None and fallback is not None else fallback
         try:
             signature = inspect.signature(fallback or original)
         except (TypeError, ValueError):
@@ -256,7 +263,7 @@ class Capture:
         def recorder(*args: Any, **kwargs: Any) -> Any:
             rec = self._current()
             use_torch = fallback is not None and _on_cpu(args, kwargs)
-            fn = fallback if use_torch else original
+            fn = run_fallback if use_torch else original
             out = fn(*args, **kwargs)
             if rec is not None:
                 if signature is not None:

@@ -41,16 +41,18 @@ def causal_tiles(length: int, tile: int) -> Iterator[tuple[slice, slice]]:
             yield slice(r0, r1), slice(k0, min(k0 + tile, length))
 
 
-def _reduce(x: Tensor, reduce: str) -> Tensor:
-    """Reduce a ``(b, c, r, k)`` tile over channels into a partial sum / max of shape ``(b, r, k)``."""
+def _reduce(x: Tensor, reduce: str, inplace: bool = False) -> Tensor:
+    """Reduce a ``(b, c, r, k)`` tile over channels into a partial sum / max of shape ``(b, r, k)``.
+
+    ``inplace``: ``x`` is a scratch tile the caller owns (its elementwise step reuses the memory)."""
     if reduce in ("mean", "sum"):
         return x.sum(1)
     if reduce in ("abs_mean", "abs_sum"):
-        return x.abs().sum(1)
+        return (x.abs_() if inplace else x.abs()).sum(1)
     if reduce in ("positive_mean", "positive_sum"):
-        return x.clamp(min=0).sum(1)
+        return (x.clamp_(min=0) if inplace else x.clamp(min=0)).sum(1)
     if reduce == "max_abs":
-        return x.abs().amax(1)
+        return (x.abs_() if inplace else x.abs()).amax(1)
     raise ValueError(f"unknown reduce {reduce!r}; expected one of {REDUCTIONS}")
 
 
@@ -91,9 +93,9 @@ def aggregate(
         per_channel = bsz * (rows.stop - rows.start) * (cols.stop - cols.start)
         for ch in channel_blocks(nch, per_channel, attn.cost_factor, attn.device):
             blk = attn.block(ch, rows, cols)
-            if grad is not None:
-                blk = blk * grad_weight(grad.to(blk.dtype), values.to(blk.dtype), ch, rows, cols)
-            part = _reduce(blk, reduce)
+            if grad is not None:  # the fresh ∂f/∂A tile takes the product (no further (b, c, r, k) allocation)
+                blk = grad_weight(grad.to(blk.dtype), values.to(blk.dtype), ch, rows, cols).mul_(blk)
+            part = _reduce(blk, reduce, inplace=grad is not None)
             acc = part if acc is None else _combine(acc, part, reduce)
         out[:, rows, cols] = acc
     return _finish(out, reduce, nch)
