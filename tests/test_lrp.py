@@ -41,6 +41,8 @@ from captum_implicit.lrp import (  # noqa: E402
 )
 
 from conftest import rel_err, requires_cuda
+from _lrp_checks import assert_restored, check_restored_after_context  # noqa: E402
+from _lrp_checks import check_restored_after_failed_attribution, model_state  # noqa: E402
 
 CONSERVE = 1e-8  # relative, float64, biases zero
 
@@ -117,33 +119,6 @@ def conservation(model, ids, target, composite=None, mask=None) -> tuple[torch.T
 
 def conservation_error(R: torch.Tensor, f: torch.Tensor) -> float:
     return float(((R.sum(-1) - f).abs() / f.abs().clamp_min(1e-300)).max())
-
-
-def model_state(model: nn.Module) -> dict:
-    return {
-        "params": {n: (id(p), p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()},
-        "modules": {
-            n: (
-                "forward" in m.__dict__,
-                m.training,
-                len(m._forward_hooks),
-                len(m._forward_pre_hooks),
-                len(m._backward_hooks),
-                len(getattr(m, "_backward_pre_hooks", {})),
-            )
-            for n, m in model.named_modules()
-        },
-    }
-
-
-def assert_restored(model: nn.Module, before: dict) -> None:
-    after = model_state(model)
-    assert after["modules"] == before["modules"]
-    for name, (pid, value, flag) in before["params"].items():
-        pid2, value2, flag2 = after["params"][name]
-        assert pid2 == pid and flag2 == flag, name
-        assert torch.equal(value2, value), name  # bit-identical
-    assert not any(is_canonized(m) for m in model.modules())
 
 
 configs = st.fixed_dictionaries(
@@ -386,21 +361,10 @@ def test_model_restored_after_with_and_on_exceptions():
     model = tiny_mamba(seed=4, use_bias=True, zero_biases=False)
     model.backbone.layers[0].mixer.register_forward_hook(lambda *a: None)  # the user's own hook stays
     model.train()
-    before = model_state(model)
     ids = torch.randint(0, 32, (1, 5))
     comp = GatedLinearComposite(layer_map=[(nn.Conv1d, GIGamma(0.25))])
-    with comp.context(model):
-        model(ids, use_cache=False).logits.sum().backward()
-    model.zero_grad(set_to_none=True)
-    assert_restored(model, before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with comp.context(model):
-            raise RuntimeError("boom")
-    assert_restored(model, before)
-    with pytest.raises(Exception):
-        GatedLinearLRP(model, comp).attribute(ids, target=[1, 2, 3])  # wrong target length
-    assert_restored(model, before)
-    assert all(p.grad is None for p in model.parameters())  # attribution never fills .grad
+    check_restored_after_context(model, ids, comp)
+    check_restored_after_failed_attribution(model, ids, comp)
 
 
 def test_composes_with_other_canonizers_and_nests():

@@ -14,15 +14,17 @@ from hypothesis import strategies as st
 pytest.importorskip("zennit")
 transformers = pytest.importorskip("transformers")
 
-from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, GatedLinearRules, LRPError  # noqa: E402
-from captum_implicit.lrp import is_canonized  # noqa: E402
+from captum_implicit.lrp import GatedLinearRules  # noqa: E402
 from captum_implicit.lrp.canonizers import find_lrp_form  # noqa: E402
 
 from conftest import rel_err, requires_cuda  # noqa: E402
-from test_lrp import assert_restored, model_state  # noqa: E402
-from test_lrp_families import _spread, rel_conservation, relevance  # noqa: E402
+from test_lrp_families import _spread  # noqa: E402
+from _lrp_checks import CONSERVE, check_ablation, check_bias_absorption  # noqa: E402
+from _lrp_checks import check_cached_continuation_refused, check_canonized_logits_identical  # noqa: E402
+from _lrp_checks import check_conservation, check_conservation_float32, check_gpu_canonized_logits  # noqa: E402
+from _lrp_checks import check_restored_and_captum_class, draw_target_and_mask, left_padded  # noqa: E402
+from _lrp_checks import rel_conservation, relevance  # noqa: E402
 
-CONSERVE = 1e-8  # relative, float64, biases zero
 EXAMPLES = min(settings().max_examples, 6)
 VOCAB = 32
 
@@ -115,16 +117,7 @@ def test_every_class_has_a_form(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_canonized_logits_identical(kind, dtype):
     model = build(kind, seed=1, dtype=dtype, zero_biases=False)
-    ids = _ids(2, 9, 1)
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, :3] = 0
-    ref = model(ids, attention_mask=mask, use_cache=False).logits
-    ref_cache = model(ids, attention_mask=mask, use_cache=True).logits
-    with GatedLinearComposite().context(model):
-        assert any(is_canonized(m) for m in model.modules())
-        out = model(ids, attention_mask=mask, use_cache=False).logits
-        out_cache = model(ids, attention_mask=mask, use_cache=True).logits  # a fresh cache filled as HF fills it
-    assert _identical(out, ref) and _identical(out_cache, ref_cache)
+    check_canonized_logits_identical(model, _ids(2, 9, 1), left_padded(2, 9, 3, row=1), same=_identical)
 
 
 def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -141,33 +134,22 @@ def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
        data=st.data())
 def test_conservation_exact(kind, seed, length, batch, padded, data):
     model = build(kind, seed=seed, **data.draw(HYPOTHESIS_CONFIGS[kind]))
-    ids = _ids(batch, length, seed)
-    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
-    mask = None
-    if padded:
-        mask = torch.ones(batch, length, dtype=torch.long)
-        mask[0, : data.draw(st.integers(0, length - 1))] = 0  # left padding
-    R, f, _ = relevance(model, ids, target, mask=mask)
-    assert R.shape == (batch, length)
-    assert rel_conservation(R, f) <= CONSERVE
-    if mask is not None:  # padded positions are zeroed before the conv and the scan (and masked as keys)
-        assert torch.all(R[mask == 0] == 0)
+    target, mask = draw_target_and_mask(data, batch, length, VOCAB, padded)
+    # padded positions are zeroed before the conv and the scan (and masked as keys)
+    check_conservation(model, _ids(batch, length, seed), target, mask)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_bias_absorption_accounts_for_the_difference(kind):
     """With biases (the mixers' conv biases), Σ R + Σ b ⊙ grad_b = f."""
     model = build(kind, seed=3, zero_biases=False)
-    R, f, absorbed = relevance(model, _ids(1, 9, 3), torch.tensor([3]), with_biases=True)
-    assert abs(float((R.sum() + absorbed - f.sum()) / f.sum())) <= CONSERVE
-    assert abs(float(absorbed / f.sum())) > 1e-6
+    check_bias_absorption(model, _ids(1, 9, 3), torch.tensor([3]))
 
 
 def test_conservation_float32():
     for kind in KINDS:
         model = build(kind, seed=3, dtype=torch.float32)
-        R, f, _ = relevance(model, _ids(2, 12, 3), torch.tensor([1, 2]))
-        assert rel_conservation(R.double(), f.double()) < 1e-4, kind
+        check_conservation_float32(model, _ids(2, 12, 3), torch.tensor([1, 2]), msg=kind)
 
 
 # ----------------------------------------------------------------------------- ablations
@@ -184,11 +166,7 @@ ABLATIONS = {
 @pytest.mark.parametrize("kind,rule", sorted(ABLATIONS))
 def test_ablation_breaks_conservation(kind, rule):
     model = build(kind, seed=0)
-    ids, target = _ids(2, 9, 0), torch.tensor([3, 7])
-    R, f, _ = relevance(model, ids, target)
-    assert rel_conservation(R, f) <= CONSERVE
-    R, f, _ = relevance(model, ids, target, GatedLinearComposite(GatedLinearRules().without(rule)))
-    assert rel_conservation(R, f) > ABLATIONS[kind, rule]
+    check_ablation(model, _ids(2, 9, 0), torch.tensor([3, 7]), rule, ABLATIONS[kind, rule])
 
 
 @pytest.mark.parametrize("exact_casts", [True, False])
@@ -217,33 +195,13 @@ def test_weightless_norm_rule(exact_casts):
 @pytest.mark.parametrize("kind", KINDS)
 def test_model_restored_and_captum_class(kind):
     model = build(kind, seed=4, zero_biases=False)
-    before = model_state(model)
-    ids = _ids(2, 6, 4)
-    with GatedLinearComposite().context(model):
-        model(ids, use_cache=False).logits.sum().backward()
-    model.zero_grad(set_to_none=True)
-    assert_restored(model, before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with GatedLinearComposite().context(model):
-            raise RuntimeError("boom")
-    assert_restored(model, before)
-    R = GatedLinearLRP(model).attribute(ids, target=[2, 9])
-    R_ref, _, _ = relevance(model, ids, torch.tensor([2, 9]))
-    assert torch.allclose(R, R_ref, rtol=0, atol=1e-13)
-    assert_restored(model, before)
-    assert all(p.grad is None for p in model.parameters())
+    check_restored_and_captum_class(model, _ids(2, 6, 4), [2, 9])
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_continuation_refused(kind):
     model = build(kind, seed=2)
-    ids = _ids(1, 6, 2)
-    out = model(ids, use_cache=True)
-    before = model_state(model)
-    with pytest.raises(LRPError, match="cached state"):
-        with GatedLinearComposite().context(model):
-            model(ids[:, -1:], use_cache=True, cache=out.cache)
-    assert_restored(model, before)
+    check_cached_continuation_refused(model, _ids(1, 6, 2))
 
 
 # ----------------------------------------------------------------------------- Zamba's shared block
@@ -307,9 +265,4 @@ def test_gpu_canonized_model(kind):
     forms run HF's torch paths, so logits agree to float32 rounding and relevance conserves to float32 rounding."""
     model = build(kind, seed=8, dtype=torch.float32).cuda()
     ids = _ids(2, 40, 8).cuda()
-    ref = model(ids, use_cache=False).logits
-    with GatedLinearComposite().context(model):
-        out = model(ids, use_cache=False).logits
-    assert rel_err(out, ref) < 1e-4
-    R, f, _ = relevance(model, ids, torch.tensor([1, 2], device="cuda"))
-    assert rel_conservation(R.double(), f.double()) < 1e-4
+    check_gpu_canonized_logits(model, ids, torch.tensor([1, 2], device="cuda"))

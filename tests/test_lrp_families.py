@@ -24,20 +24,18 @@ from transformers import (  # noqa: E402
     RwkvForCausalLM,
 )
 
-from captum_implicit.lrp import (  # noqa: E402
-    GatedLinearComposite,
-    GatedLinearLRP,
-    GatedLinearRules,
-    LRPError,
-    is_canonized,
-    lrp_forms,
-)
+from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, lrp_forms  # noqa: E402
 from captum_implicit.lrp.canonizers import find_lrp_form  # noqa: E402
 
-from conftest import rel_err, requires_cuda  # noqa: E402
-from test_lrp import assert_restored, model_state  # noqa: E402
+from conftest import requires_cuda  # noqa: E402
+# relevance, rel_conservation: also imported from here by other test files
+from _lrp_checks import CONSERVE, check_ablation, check_bias_absorption  # noqa: E402,F401
+from _lrp_checks import check_canonized_logits_identical, check_cached_continuation_refused  # noqa: E402,F401
+from _lrp_checks import check_conservation, check_conservation_float32, check_gpu_canonized_logits  # noqa: E402,F401
+from _lrp_checks import check_restored_after_context, check_restored_after_failed_attribution  # noqa: E402,F401
+from _lrp_checks import draw_target_and_mask, left_padded  # noqa: E402,F401
+from _lrp_checks import rel_conservation, relevance  # noqa: E402,F401
 
-CONSERVE = 1e-8  # relative, float64, biases zero
 VOCAB = 24
 # three families share the CI's 2 cores: at most this many examples per family (fewer if the profile says so)
 EXAMPLES = min(settings().max_examples, 8)
@@ -102,31 +100,6 @@ BUILD = {"mamba2": tiny_mamba2, "rwkv": tiny_rwkv, "recurrent_gemma": tiny_rg}
 MASKED = {"mamba2", "recurrent_gemma"}  # forwards that take attention_mask (HF RWKV ignores it)
 
 
-def relevance(model, ids, target, composite=None, mask=None, with_biases=False):
-    """(R per token (B, L), float64 target logit (B,), relevance absorbed by the biases (B,)) in one backward."""
-    composite = composite if composite is not None else GatedLinearComposite()
-    head = model.get_output_embeddings()
-    rec = {}
-    handle = head.register_forward_hook(lambda m, a, o: rec.__setitem__("z", o))
-    biases = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"] if with_biases else []
-    try:
-        with composite.context(model):
-            emb = model.get_input_embeddings()(ids).detach().requires_grad_()
-            kw = {"attention_mask": mask} if mask is not None else {}
-            logits = model(inputs_embeds=emb, use_cache=False, **kw).logits
-            logits = logits if logits.dtype == torch.float64 else rec["z"]  # Mamba2: before HF's .float()
-            f = logits[:, -1].gather(1, target[:, None])[:, 0]
-            grads = torch.autograd.grad(f.sum(), [emb, *biases], allow_unused=True)
-    finally:
-        handle.remove()
-    absorbed = sum((b.detach() * g).sum() for b, g in zip(biases, grads[1:]) if g is not None)
-    return (emb * grads[0]).sum(-1).detach(), f.detach(), absorbed
-
-
-def rel_conservation(R, f) -> float:
-    return float(((R.sum(-1) - f).abs() / f.abs().clamp_min(1e-300)).max())
-
-
 # ----------------------------------------------------------------------------- registry
 def test_every_family_class_has_a_form():
     forms = lrp_forms()
@@ -148,16 +121,8 @@ def test_every_family_class_has_a_form():
 def test_canonized_logits_identical(family, dtype):
     model = BUILD[family](seed=1, dtype=dtype, zero_biases=False, use_bias=True)
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    kw = {}
-    if family in MASKED:
-        kw["attention_mask"] = torch.ones(2, 9, dtype=torch.long)
-        kw["attention_mask"][1, :3] = 0
-    ref = model(ids, use_cache=False, **kw).logits
-    with GatedLinearComposite().context(model):
-        assert any(is_canonized(m) for m in model.modules())
-        out = model(ids, use_cache=False, **kw).logits
-        out_cache = model(ids, use_cache=True, **kw).logits  # a fresh cache is filled as HF fills it
-    assert torch.equal(out, ref) and torch.equal(out_cache, model(ids, use_cache=True, **kw).logits)
+    mask = left_padded(2, 9, 3, row=1) if family in MASKED else None
+    check_canonized_logits_identical(model, ids, mask)
 
 
 # ----------------------------------------------------------------------------- conservation
@@ -190,16 +155,9 @@ def test_conservation_exact(family, length, batch, padded, data):
         cfg["groups"] = 1
     model = BUILD[family](**cfg)
     ids = torch.randint(0, VOCAB, (batch, length))
-    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
-    mask = None
-    if padded and family in MASKED:
-        mask = torch.ones(batch, length, dtype=torch.long)
-        mask[0, : data.draw(st.integers(0, length - 1))] = 0  # left padding
-    R, f, _ = relevance(model, ids, target, mask=mask)
-    assert R.shape == (batch, length)
-    assert rel_conservation(R, f) <= CONSERVE
-    if mask is not None and family == "mamba2":
-        assert torch.all(R[mask == 0] == 0)  # Mamba2 zeroes padded states: they carry nothing
+    target, mask = draw_target_and_mask(data, batch, length, VOCAB, padded and family in MASKED)
+    # Mamba2 zeroes padded states: they carry nothing
+    check_conservation(model, ids, target, mask, padded_carry_nothing=family == "mamba2")
 
 
 @pytest.mark.parametrize("family", sorted(BUILD))
@@ -212,9 +170,7 @@ def test_bias_absorption_accounts_for_the_difference(family, length, data):
         cfg["groups"] = 1
     model = BUILD[family](**cfg)
     ids = torch.randint(0, VOCAB, (1, length))
-    R, f, absorbed = relevance(model, ids, torch.tensor([3]), with_biases=True)
-    assert abs(float((R.sum() + absorbed - f.sum()) / f.sum())) <= CONSERVE
-    assert abs(float(absorbed / f.sum())) > 1e-6  # the biases (RWKV: LayerNorm biases only) do absorb relevance
+    check_bias_absorption(model, ids, torch.tensor([3]))  # RWKV: its LayerNorm biases only
 
 
 def test_conservation_float32():
@@ -222,8 +178,7 @@ def test_conservation_float32():
     for family, build in BUILD.items():
         model = build(seed=3, dtype=torch.float32)
         ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-        R, f, _ = relevance(model, ids, torch.tensor([1, 2]))
-        assert rel_conservation(R.double(), f.double()) < 1e-4, family
+        check_conservation_float32(model, ids, torch.tensor([1, 2]), msg=family)
 
 
 # ----------------------------------------------------------------------------- ablations
@@ -251,11 +206,7 @@ ABLATIONS = {
 def test_ablation_breaks_conservation(family, rule):
     model = BUILD[family](seed=0, layers=2)
     ids = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
-    target = torch.tensor([3, 7])
-    R, f, _ = relevance(model, ids, target)
-    assert rel_conservation(R, f) <= CONSERVE
-    R, f, _ = relevance(model, ids, target, GatedLinearComposite(GatedLinearRules().without(rule)))
-    assert rel_conservation(R, f) > ABLATIONS[family, rule]
+    check_ablation(model, ids, torch.tensor([3, 7]), rule, ABLATIONS[family, rule])
 
 
 # ----------------------------------------------------------------------------- model left as it was
@@ -263,41 +214,28 @@ def test_ablation_breaks_conservation(family, rule):
 def test_model_restored_after_with_and_on_exceptions(family):
     model = BUILD[family](seed=4, zero_biases=False, use_bias=True)
     model.train()
-    before = model_state(model)
     ids = torch.randint(0, VOCAB, (1, 5))
     comp = GatedLinearComposite()
-    with comp.context(model):
-        model(ids, use_cache=False).logits.sum().backward()
-    model.zero_grad(set_to_none=True)
-    assert_restored(model, before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with comp.context(model):
-            raise RuntimeError("boom")
-    assert_restored(model, before)
+    check_restored_after_context(model, ids, comp)
     model.eval()
-    before = model_state(model)
-    with pytest.raises(Exception):
-        GatedLinearLRP(model, comp).attribute(ids, target=[1, 2, 3])  # wrong target length
-    assert_restored(model, before)
-    assert all(p.grad is None for p in model.parameters())
+    check_restored_after_failed_attribution(model, ids, comp)
 
 
 @pytest.mark.parametrize("family", sorted(BUILD))
 def test_cached_continuation_refused(family):
     model = BUILD[family](seed=2)
     ids = torch.randint(0, VOCAB, (1, 6))
-    before = model_state(model)
-    if family == "recurrent_gemma":  # HF keeps Griffin's recurrent state on the modules, the cache holds attention
+    check_cached_continuation_refused(model, ids, continuation=_continuation if family != "mamba2" else None)
+
+
+def _continuation(model, ids):
+    """The prefix's state as the one-token continuation's keywords: RWKV returns ``state``; HF keeps Griffin's
+    recurrent state on the modules (the cache holds attention)."""
+    if isinstance(model, RecurrentGemmaForCausalLM):
         cache = transformers.DynamicCache(config=model.config)
         model(ids, use_cache=True, cache=cache)
-        cont = dict(cache=cache, position_ids=torch.tensor([[6]]))
-    else:
-        out = model(ids, use_cache=True)
-        cont = dict(state=out.state) if family == "rwkv" else dict(cache=out.cache)
-    with pytest.raises(LRPError, match="cached state"):
-        with GatedLinearComposite().context(model):
-            model(ids[:, -1:], use_cache=True, **cont)
-    assert_restored(model, before)
+        return dict(cache=cache, position_ids=torch.tensor([[ids.shape[1]]]))
+    return dict(state=model(ids, use_cache=True).state)
 
 
 # ----------------------------------------------------------------------------- zoo classifiers
@@ -376,9 +314,4 @@ def test_gpu_canonized_model(family):
     if any(not hasattr(m, "group_size") for m in norms):
         pytest.skip("this transformers' Mamba2 gated norm is refused by the LRP form (see lrp/mamba2.py)")
     ids = torch.randint(0, VOCAB, (2, 32), device="cuda")
-    ref = model(ids, use_cache=False).logits
-    with GatedLinearComposite().context(model):
-        out = model(ids, use_cache=False).logits
-    assert rel_err(out, ref) < 1e-4
-    R, f, _ = relevance(model, ids, torch.tensor([1, 2], device="cuda"))
-    assert rel_conservation(R.double(), f.double()) < 1e-4
+    check_gpu_canonized_logits(model, ids, torch.tensor([1, 2], device="cuda"))

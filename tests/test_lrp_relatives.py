@@ -20,15 +20,16 @@ from hypothesis import strategies as st
 pytest.importorskip("zennit")
 T = pytest.importorskip("transformers")
 
-from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, GatedLinearRules, LRPError  # noqa: E402
-from captum_implicit.lrp import is_canonized  # noqa: E402
+from captum_implicit.lrp import GatedLinearComposite, GatedLinearRules  # noqa: E402
 from captum_implicit.lrp.canonizers import GatedLinearCanonizer, find_lrp_form, lrp_forms  # noqa: E402
 
-from conftest import rel_err, requires_cuda  # noqa: E402
-from test_lrp import assert_restored, model_state  # noqa: E402
-from test_lrp_families import VOCAB, _spread, rel_conservation, relevance  # noqa: E402
-
-CONSERVE = 1e-8  # relative, float64, biases zero
+from conftest import requires_cuda  # noqa: E402
+from test_lrp_families import VOCAB, _spread  # noqa: E402
+from _lrp_checks import CONSERVE, check_ablation, check_bias_absorption  # noqa: E402
+from _lrp_checks import check_cached_continuation_refused, check_canonized_logits_identical  # noqa: E402
+from _lrp_checks import check_conservation, check_conservation_float32, check_gpu_canonized_logits  # noqa: E402
+from _lrp_checks import check_restored_and_captum_class, draw_target_and_mask, left_padded  # noqa: E402
+from _lrp_checks import rel_conservation, relevance  # noqa: E402
 EXAMPLES = min(settings().max_examples, 5)
 
 
@@ -344,17 +345,7 @@ def test_every_relative_class_has_a_form(family):
 def test_canonized_logits_identical(family, dtype):
     model = BUILD[family](seed=1, dtype=dtype, zero_biases=False, use_bias=True)
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, :3] = 0
-    cached = family not in NO_HF_CACHE
-    ref = model(ids, attention_mask=mask, use_cache=False).logits
-    ref_cache = model(ids, attention_mask=mask, use_cache=True).logits if cached else ref
-    with GatedLinearComposite().context(model):
-        assert any(is_canonized(m) for m in model.modules())
-        out = model(ids, attention_mask=mask, use_cache=False).logits
-        # a fresh cache filled as HF fills it
-        out_cache = model(ids, attention_mask=mask, use_cache=True).logits if cached else out
-    assert torch.equal(out, ref) and torch.equal(out_cache, ref_cache)
+    check_canonized_logits_identical(model, ids, left_padded(2, 9, 3, row=1), cached=family not in NO_HF_CACHE)
 
 
 # ----------------------------------------------------------------------------- conservation
@@ -364,16 +355,9 @@ def test_canonized_logits_identical(family, dtype):
 def test_conservation_exact(family, length, batch, padded, data):
     model = BUILD[family](**data.draw(CONFIGS[family]))
     ids = torch.randint(1, VOCAB, (batch, length))
-    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
-    mask = None
-    if padded:
-        mask = torch.ones(batch, length, dtype=torch.long)
-        mask[0, : data.draw(st.integers(0, length - 1))] = 0  # left padding
-    R, f, _ = relevance(model, ids, target, mask=mask)
-    assert R.shape == (batch, length)
-    assert rel_conservation(R, f) <= CONSERVE
-    if mask is not None:  # every mixer masks padded positions (states zeroed, keys masked): they carry nothing
-        assert torch.all(R[mask == 0] == 0)
+    target, mask = draw_target_and_mask(data, batch, length, VOCAB, padded)
+    # every mixer masks padded positions (states zeroed, keys masked): they carry nothing
+    check_conservation(model, ids, target, mask)
 
 
 @pytest.mark.parametrize("family", WITH_BIASES)
@@ -381,17 +365,14 @@ def test_bias_absorption_accounts_for_the_difference(family):
     """With biases: Σ R + Σ b ⊙ grad_b = f."""
     model = BUILD[family](seed=3, zero_biases=False, use_bias=True)
     ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
-    R, f, absorbed = relevance(model, ids, torch.tensor([3]), with_biases=True)
-    assert abs(float((R.sum() + absorbed - f.sum()) / f.sum())) <= CONSERVE
-    assert abs(float(absorbed / f.sum())) > 1e-6
+    check_bias_absorption(model, ids, torch.tensor([3]))
 
 
 def test_conservation_float32():
     for family, build in BUILD.items():
         model = build(seed=3, dtype=torch.float32)
         ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-        R, f, _ = relevance(model, ids, torch.tensor([1, 2]))
-        assert rel_conservation(R.double(), f.double()) < 1e-4, family
+        check_conservation_float32(model, ids, torch.tensor([1, 2]), msg=family)
 
 
 # ----------------------------------------------------------------------------- ablations
@@ -399,11 +380,7 @@ def test_conservation_float32():
 def test_ablation_breaks_conservation(family, rule):
     model = BUILD[family](seed=0)
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
-    target = torch.tensor([3, 7])
-    R, f, _ = relevance(model, ids, target)
-    assert rel_conservation(R, f) <= CONSERVE
-    R, f, _ = relevance(model, ids, target, GatedLinearComposite(GatedLinearRules().without(rule)))
-    assert rel_conservation(R, f) > ABLATIONS[family, rule]
+    check_ablation(model, ids, torch.tensor([3, 7]), rule, ABLATIONS[family, rule])
 
 
 def _isolated(model, cls_name, rule=None):
@@ -436,33 +413,15 @@ def test_new_form_rule_ablation(family, cls_name, rule):
 @pytest.mark.parametrize("family", sorted(BUILD))
 def test_model_restored_and_captum_class(family):
     model = BUILD[family](seed=4, zero_biases=False, use_bias=True)
-    before = model_state(model)
     ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
-    with GatedLinearComposite().context(model):
-        model(ids, use_cache=False).logits.sum().backward()
-    model.zero_grad(set_to_none=True)
-    assert_restored(model, before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with GatedLinearComposite().context(model):
-            raise RuntimeError("boom")
-    assert_restored(model, before)
-    R = GatedLinearLRP(model).attribute(ids, target=[2, 9])
-    R_ref, _, _ = relevance(model, ids, torch.tensor([2, 9]))
-    assert torch.allclose(R, R_ref, rtol=0, atol=1e-13)
-    assert_restored(model, before)
-    assert all(p.grad is None for p in model.parameters())
+    check_restored_and_captum_class(model, ids, [2, 9])
 
 
 @pytest.mark.parametrize("family", sorted(CACHED))
 def test_cached_continuation_refused(family):
     model = BUILD[family](seed=2)
     ids = torch.randint(1, VOCAB, (1, 6))
-    out = model(ids, use_cache=True)
-    before = model_state(model)
-    with pytest.raises(LRPError, match=f"{CACHED[family]} layer 0: this call continues from a cached state"):
-        with GatedLinearComposite().context(model):
-            model(ids[:, -1:], use_cache=True, cache=out.cache)
-    assert_restored(model, before)
+    check_cached_continuation_refused(model, ids, f"{CACHED[family]} layer 0: this call continues from a cached state")
 
 
 def test_qwen3_5_across_hf_chunks():
@@ -494,9 +453,4 @@ def test_gpu_canonized_model(family):
     rounding and relevance conserves to float32 rounding."""
     model = BUILD[family](seed=8, dtype=torch.float32).cuda()
     ids = torch.randint(1, VOCAB, (2, 32), device="cuda")
-    ref = model(ids, use_cache=False).logits
-    with GatedLinearComposite().context(model):
-        out = model(ids, use_cache=False).logits
-    assert rel_err(out, ref) < 1e-4
-    R, f, _ = relevance(model, ids, torch.tensor([1, 2], device="cuda"))
-    assert rel_conservation(R.double(), f.double()) < 1e-4
+    check_gpu_canonized_logits(model, ids, torch.tensor([1, 2], device="cuda"))

@@ -17,34 +17,22 @@ pytest.importorskip("zennit")
 transformers = pytest.importorskip("transformers")
 from transformers import xLSTMConfig, xLSTMForCausalLM  # noqa: E402
 
-from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, GatedLinearRules, LRPError  # noqa: E402
-from captum_implicit.lrp import is_canonized  # noqa: E402
 from captum_implicit.lrp.canonizers import find_lrp_form  # noqa: E402
 from captum_implicit.lrp.xlstm import mlstm_parallel  # noqa: E402
 
-from test_lrp import assert_restored, model_state  # noqa: E402
-from test_lrp_families import VOCAB, _spread, rel_conservation  # noqa: E402
+from test_lrp_families import VOCAB, _spread  # noqa: E402
+from _lrp_checks import CONSERVE, check_ablation, check_bias_absorption  # noqa: E402
+from _lrp_checks import check_cached_continuation_refused, check_canonized_logits_identical  # noqa: E402
+from _lrp_checks import check_conservation, check_conservation_float32, check_restored_and_captum_class  # noqa: E402
+from _lrp_checks import draw_target_and_mask, left_padded, rel_conservation, relevance  # noqa: E402
 
-CONSERVE = 1e-8  # relative, float64, biases zero
 EXAMPLES = min(settings().max_examples, 6)
 
 
 def logit_relevance(model, ids, target, composite=None, mask=None, with_biases=False):
-    """(R per token (B, L), the model's own target logit in float64 (B,), bias-absorbed relevance) in one backward.
-
-    Unlike ``test_lrp_families.relevance`` the target is the logit the model returns (soft-capped, float32 for
-    xLSTM), not the LM head's output.
-    """
-    composite = composite if composite is not None else GatedLinearComposite()
-    biases = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"] if with_biases else []
-    with composite.context(model):
-        emb = model.get_input_embeddings()(ids).detach().requires_grad_()
-        kw = {"attention_mask": mask} if mask is not None else {}
-        logits = model(inputs_embeds=emb, use_cache=False, **kw).logits
-        f = logits[:, -1].gather(1, target[:, None])[:, 0]
-        grads = torch.autograd.grad(f.sum(), [emb, *biases], allow_unused=True)
-    absorbed = sum((b.detach() * g).sum() for b, g in zip(biases, grads[1:]) if g is not None)
-    return (emb * grads[0]).sum(-1).detach(), f.detach().double(), absorbed
+    """``_lrp_checks.relevance`` with the logit the model returns as the target (soft-capped, float32 for xLSTM; as
+    float64), not the LM head's output."""
+    return relevance(model, ids, target, composite, mask=mask, with_biases=with_biases, model_logit=True)
 
 
 # ============================================================================= xLSTM
@@ -88,13 +76,7 @@ def test_xlstm_canonized_logits_identical(dtype, mode):
     # hidden 128: HF's xLSTMCache sizes its states by dims rounded up to 64 (a smaller model cannot use_cache)
     model = tiny_xlstm(seed=1, dtype=dtype, hidden=128, weight_mode=mode, zero_biases=False, use_bias=True)
     ids = torch.randint(1, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))  # 2 chunks of 4 + 3 steps
-    ref = model(ids, use_cache=False).logits
-    ref_cache = model(ids, use_cache=True)
-    with GatedLinearComposite().context(model):
-        assert any(is_canonized(m) for m in model.modules())
-        out = model(ids, use_cache=False).logits
-        out_cache = model(ids, use_cache=True)  # a fresh (zero) cache filled as HF fills it
-    assert torch.equal(out, ref) and torch.equal(out_cache.logits, ref_cache.logits)
+    out_cache, ref_cache = check_canonized_logits_identical(model, ids)  # a fresh (zero) cache, as HF fills it
     for a, b in zip(out_cache.cache.rnn_state.values(), ref_cache.cache.rnn_state.values()):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
@@ -133,10 +115,8 @@ def test_xlstm_conservation_exact(length, batch, data):
     cfg = data.draw(XLSTM_CONFIG)
     model = tiny_xlstm(**cfg)
     ids = torch.randint(1, VOCAB, (batch, length))
-    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
-    R, f, _ = logit_relevance(model, ids, target)
-    assert R.shape == (batch, length)
-    assert rel_conservation(R, f) <= CONSERVE
+    target, _ = draw_target_and_mask(data, batch, length, VOCAB, padded=False)
+    check_conservation(model, ids, target, relevance_fn=logit_relevance)
 
 
 def test_xlstm_bias_absorption_accounts_for_the_difference():
@@ -144,16 +124,13 @@ def test_xlstm_bias_absorption_accounts_for_the_difference():
     and absorb nothing)."""
     model = tiny_xlstm(seed=3, zero_biases=False, use_bias=True)
     ids = torch.randint(1, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
-    R, f, absorbed = logit_relevance(model, ids, torch.tensor([3]), with_biases=True)
-    assert abs(float((R.sum() + absorbed - f.sum()) / f.sum())) <= CONSERVE
-    assert abs(float(absorbed / f.sum())) > 1e-6
+    check_bias_absorption(model, ids, torch.tensor([3]), logit_relevance)
 
 
 def test_xlstm_conservation_float32():
     model = tiny_xlstm(seed=3, dtype=torch.float32)
     ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    R, f, _ = logit_relevance(model, ids, torch.tensor([1, 2]))
-    assert rel_conservation(R.double(), f) < 1e-4
+    check_conservation_float32(model, ids, torch.tensor([1, 2]), logit_relevance)
 
 
 XLSTM_ABLATIONS = {
@@ -167,41 +144,19 @@ XLSTM_ABLATIONS = {
 def test_xlstm_ablation_breaks_conservation(rule):
     model = tiny_xlstm(seed=0)
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
-    target = torch.tensor([3, 7])
-    R, f, _ = logit_relevance(model, ids, target)
-    assert rel_conservation(R, f) <= CONSERVE
-    R, f, _ = logit_relevance(model, ids, target, GatedLinearComposite(GatedLinearRules().without(rule)))
-    assert rel_conservation(R, f) > XLSTM_ABLATIONS[rule]
+    check_ablation(model, ids, torch.tensor([3, 7]), rule, XLSTM_ABLATIONS[rule], logit_relevance)
 
 
 def test_xlstm_model_restored_and_captum_class():
     model = tiny_xlstm(seed=4, zero_biases=False, use_bias=True)
-    before = model_state(model)
     ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
-    with GatedLinearComposite().context(model):
-        model(ids, use_cache=False).logits.sum().backward()
-    model.zero_grad(set_to_none=True)
-    assert_restored(model, before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with GatedLinearComposite().context(model):
-            raise RuntimeError("boom")
-    assert_restored(model, before)
-    R = GatedLinearLRP(model).attribute(ids, target=[2, 9])
-    R_ref, _, _ = logit_relevance(model, ids, torch.tensor([2, 9]))
-    assert torch.allclose(R, R_ref, rtol=0, atol=1e-13)
-    assert_restored(model, before)
-    assert all(p.grad is None for p in model.parameters())
+    check_restored_and_captum_class(model, ids, [2, 9], logit_relevance)
 
 
 def test_xlstm_cached_continuation_refused():
     model = tiny_xlstm(seed=2, hidden=128)  # HF's cache needs dims that are multiples of 64
     ids = torch.randint(1, VOCAB, (1, 6))
-    out = model(ids, use_cache=True)
-    before = model_state(model)
-    with pytest.raises(LRPError, match="xLSTMLayer: this call continues from a cached state"):
-        with GatedLinearComposite().context(model):
-            model(ids[:, -1:], use_cache=True, cache=out.cache)
-    assert_restored(model, before)
+    check_cached_continuation_refused(model, ids, "xLSTMLayer: this call continues from a cached state")
 
 
 def test_xlstm_across_hf_chunks():
@@ -252,15 +207,7 @@ def test_every_minimax_class_has_a_form():
 def test_minimax_canonized_logits_identical(dtype):
     model = tiny_minimax(seed=1, dtype=dtype)
     ids = torch.randint(1, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))  # 2 blocks of 4 + 3
-    mask = torch.ones(2, 11, dtype=torch.long)
-    mask[1, :3] = 0
-    ref = model(ids, attention_mask=mask, use_cache=False).logits
-    ref_cache = model(ids, attention_mask=mask, use_cache=True)
-    with GatedLinearComposite().context(model):
-        assert any(is_canonized(m) for m in model.modules())
-        out = model(ids, attention_mask=mask, use_cache=False).logits
-        out_cache = model(ids, attention_mask=mask, use_cache=True)  # a fresh cache filled as HF fills it
-    assert torch.equal(out, ref) and torch.equal(out_cache.logits, ref_cache.logits)
+    out_cache, ref_cache = check_canonized_logits_identical(model, ids, left_padded(2, 11, 3, row=1))
     assert torch.equal(out_cache.past_key_values.linear_cache[0], ref_cache.past_key_values.linear_cache[0])
 
 
@@ -305,16 +252,9 @@ def test_minimax_conservation_exact(length, batch, padded, data):
     cfg = data.draw(MINIMAX_CONFIG)
     model = tiny_minimax(**cfg, kv_heads=1)
     ids = torch.randint(1, VOCAB, (batch, length))
-    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
-    mask = None
-    if padded:
-        mask = torch.ones(batch, length, dtype=torch.long)
-        mask[0, : data.draw(st.integers(0, length - 1))] = 0  # left padding
-    R, f, _ = logit_relevance(model, ids, target, mask=mask)
-    assert R.shape == (batch, length)
-    assert rel_conservation(R, f) <= CONSERVE
-    if mask is not None:  # lightning zeroes padded qkv, softmax masks padded keys: padded positions carry nothing
-        assert torch.all(R[mask == 0] == 0)
+    target, mask = draw_target_and_mask(data, batch, length, VOCAB, padded)
+    # lightning zeroes padded qkv, softmax masks padded keys: padded positions carry nothing
+    check_conservation(model, ids, target, mask, logit_relevance)
 
 
 def test_minimax_has_no_bias_to_absorb():
@@ -336,8 +276,7 @@ def test_minimax_has_no_bias_to_absorb():
 def test_minimax_conservation_float32():
     model = tiny_minimax(seed=3, dtype=torch.float32)
     ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    R, f, _ = logit_relevance(model, ids, torch.tensor([1, 2]))
-    assert rel_conservation(R.double(), f) < 1e-4
+    check_conservation_float32(model, ids, torch.tensor([1, 2]), logit_relevance)
 
 
 MINIMAX_ABLATIONS = {
@@ -352,30 +291,13 @@ MINIMAX_ABLATIONS = {
 def test_minimax_ablation_breaks_conservation(rule):
     model = tiny_minimax(seed=0)
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
-    target = torch.tensor([3, 7])
-    R, f, _ = logit_relevance(model, ids, target)
-    assert rel_conservation(R, f) <= CONSERVE
-    R, f, _ = logit_relevance(model, ids, target, GatedLinearComposite(GatedLinearRules().without(rule)))
-    assert rel_conservation(R, f) > MINIMAX_ABLATIONS[rule]
+    check_ablation(model, ids, torch.tensor([3, 7]), rule, MINIMAX_ABLATIONS[rule], logit_relevance)
 
 
 def test_minimax_model_restored_and_captum_class():
     model = tiny_minimax(seed=4)
-    before = model_state(model)
     ids = torch.randint(1, VOCAB, (2, 6), generator=torch.Generator().manual_seed(4))
-    with GatedLinearComposite().context(model):
-        model(ids, use_cache=False).logits.sum().backward()
-    model.zero_grad(set_to_none=True)
-    assert_restored(model, before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with GatedLinearComposite().context(model):
-            raise RuntimeError("boom")
-    assert_restored(model, before)
-    R = GatedLinearLRP(model).attribute(ids, target=[2, 9])
-    R_ref, _, _ = logit_relevance(model, ids, torch.tensor([2, 9]))
-    assert torch.allclose(R, R_ref, rtol=0, atol=1e-13)
-    assert_restored(model, before)
-    assert all(p.grad is None for p in model.parameters())
+    check_restored_and_captum_class(model, ids, [2, 9], logit_relevance)
 
 
 @pytest.mark.parametrize("layers,first", [(("linear_attention", "full_attention"), "MiniMaxLightningAttention"),
@@ -383,12 +305,8 @@ def test_minimax_model_restored_and_captum_class():
 def test_minimax_cached_continuation_refused(layers, first):
     model = tiny_minimax(seed=2, layers=layers)
     ids = torch.randint(1, VOCAB, (1, 6))
-    out = model(ids, use_cache=True)
-    before = model_state(model)
-    with pytest.raises(LRPError, match=f"{first} layer 0: this call continues from a cached state"):
-        with GatedLinearComposite().context(model):
-            model(ids[:, -1:], use_cache=True, cache=out.past_key_values)
-    assert_restored(model, before)
+    check_cached_continuation_refused(model, ids, f"{first} layer 0: this call continues from a cached state",
+                                      lambda m, i: {"cache": m(i, use_cache=True).past_key_values})
 
 
 def test_minimax_across_lightning_blocks():

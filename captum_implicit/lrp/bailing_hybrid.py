@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, hold
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import act, fill_cache_first_call, hold
 from .kimi_linear import kda_lrp, kimi_moe_lrp, kimi_rms_norm_gated_lrp
 from .mamba import rms_norm_lrp
 from .primitives import uniform_rule
@@ -71,15 +71,8 @@ def bailing_attention_lrp(
     k_rot = k_rot.view(batch, 1, seq_len, module.qk_rope_head_dim)
     cos, sin = position_embeddings
     q_rot, k_rot = apply_rotary_pos_emb_interleave(q_rot, k_rot, cos, sin)
-    if cache is not None:
-        if cache.get_seq_length(module.layer_idx) > 0:
-            raise LRPError(
-                f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run "
-                "the full sequence in one forward (use_cache=False)."
-            )
-        cached, _ = cache.update(kv_nope.detach(), k_rot.detach(), module.layer_idx, kwargs=kwargs)
-        if cached.shape != kv_nope.shape:
-            raise LRPError(f"{type(module).__name__}: the cache changed the latent length on a first call")
+    if cache is not None:  # HF expands K and V from the cache's copies of the latents: same layout
+        kv_nope, k_rot = fill_cache_first_call(module, cache, kv_nope, k_rot, kwargs, what="latent")
     query = hold(torch.cat((q_pass, q_rot), dim=-1), rules.detach_softmax)
     key, value = module.expand_kv(kv_nope, k_rot)
     key = hold(key, rules.detach_softmax)  # the keys share kv_b_proj with the values: only the keys are held

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .canonizers import GatedLinearRules
+from .canonizers import GatedLinearRules, LRPError
 from .primitives import cast_rule, identity_rule, proportional, round_rule, stop_gradient
 
 
@@ -39,6 +39,58 @@ def act(fn: Any, x: Tensor, rules: GatedLinearRules) -> Tensor:
 def hold(x: Tensor, flag: bool) -> Tensor:
     """Stop-gradient on ``x`` when the rule ``flag`` is on (a data-dependent coefficient)."""
     return stop_gradient(x) if flag else x
+
+
+def fill_cache_first_call(
+    module: Any, cache: Any, key: Tensor, value: Tensor, kwargs: dict, layer_idx: int | None = None,
+    what: str = "key",
+) -> tuple[Tensor, Tensor]:
+    """Fill an attention layer's cache as HF does on a first call; return ``(key, value)`` in the cache's layout.
+
+    HF attends over the tensors its ``cache.update`` returns: copies, contiguous after the cache's ``torch.cat``,
+    where the form's own ``key`` / ``value`` are views after a ``transpose``. Float32 matmul rounds differently by
+    memory layout, so a form attending over its own views differs from HF by ~1e-6 (eager attention, float32,
+    ``use_cache=True``). The returned tensors carry the form's graph (the cache gets them detached) and the
+    cache's strides. A call continuing from a cached state is refused.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The attention module (its class name and ``layer_idx`` name the layer in errors).
+    cache : transformers Cache
+        The cache passed to the module (not None).
+    key, value : Tensor
+        What the module stores: (b, heads, L, d) keys and values; MLA latents for Kimi / Bailing (``what``).
+    kwargs : dict
+        The module's keyword arguments (``cache.update`` reads e.g. ``cache_position`` from them).
+    layer_idx : int, optional
+        The cache's layer index (default: ``module.layer_idx``).
+    """
+    name = type(module).__name__
+    idx = module.layer_idx if layer_idx is None else layer_idx
+    if cache.get_seq_length(idx) > 0:
+        raise LRPError(
+            f"{name} layer {idx}: this call continues from a cached state; run the full sequence in one forward "
+            "(use_cache=False)."
+        )
+    cached_key, cached_value = cache.update(key.detach(), value.detach(), idx, kwargs=kwargs)
+    if cached_key.shape != key.shape:
+        raise LRPError(f"{name}: the cache changed the {what} length on a first call")
+    return _layout_like(key, cached_key), _layout_like(value, cached_value)
+
+
+def _layout_like(x: Tensor, ref: Tensor) -> Tensor:
+    """``x`` (same shape and values as ``ref``) in ``ref``'s memory layout; differentiable (a copy where needed)."""
+    if memory_layout(x) == memory_layout(ref):
+        return x
+    if ref.is_contiguous():
+        return x.contiguous()
+    return torch.empty_strided(ref.shape, ref.stride(), dtype=x.dtype, device=x.device).copy_(x)
+
+
+def memory_layout(x: Tensor) -> tuple[int, ...]:
+    """The strides that matter: a dimension of size 1 is never stepped over, whatever its stride."""
+    return tuple(st if n > 1 else 0 for n, st in zip(x.shape, x.stride()))
 
 
 def mask_padding(h: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, hold, mask_padding
+from .common import act, fill_cache_first_call, hold, mask_padding
 from .mamba import _conv_is_causal, rms_norm_lrp, selective_scan_lrp
 from .qwen3_next import qwen3_next_experts_lrp
 from .recurrent_gemma import rg_mlp_lrp
@@ -106,15 +106,8 @@ def jamba_attention_lrp(
     key = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:
-        if cache.get_seq_length(module.layer_idx) > 0:
-            raise LRPError(
-                f"JambaAttention layer {module.layer_idx}: this call continues from a cached state; run the full "
-                "sequence in one forward (use_cache=False)."
-            )
-        cached_key, _ = cache.update(key.detach(), value.detach(), module.layer_idx, kwargs=kwargs)
-        if cached_key.shape != key.shape:
-            raise LRPError("JambaAttention: the cache changed the key length on a first call")
+    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
+        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
     out, weights = interface(
         module, query, key, value, attention_mask,

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, exact_region, held_delta_rule, hold, mask_padding
+from .common import act, exact_region, fill_cache_first_call, held_delta_rule, hold, mask_padding
 from .mamba import _conv_is_causal, rms_norm_lrp
 from .primitives import uniform_rule
 from .qwen3_next import qwen3_next_experts_lrp
@@ -179,15 +179,8 @@ def kimi_attention_lrp(
     )
     kv_nope = module.kv_a_layernorm(kv_nope).view(batch, 1, seq_len, module.kv_lora_rank)
     k_rot = k_rot.view(batch, 1, seq_len, module.qk_rope_head_dim)
-    if cache is not None:
-        if cache.get_seq_length(module.layer_idx) > 0:
-            raise LRPError(
-                f"KimiLinearAttention layer {module.layer_idx}: this call continues from a cached state; run the "
-                "full sequence in one forward (use_cache=False)."
-            )
-        cached, _ = cache.update(kv_nope.detach(), k_rot.detach(), module.layer_idx, kwargs=kwargs)
-        if cached.shape != kv_nope.shape:
-            raise LRPError("KimiLinearAttention: the cache changed the latent length on a first call")
+    if cache is not None:  # HF expands K and V from the cache's copies of the latents: same layout
+        kv_nope, k_rot = fill_cache_first_call(module, cache, kv_nope, k_rot, kwargs, what="latent")
     key, value = module.expand_kv(kv_nope, k_rot)
     key = hold(key, rules.detach_softmax)  # the keys share kv_b_proj with the values: only the keys are held
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)

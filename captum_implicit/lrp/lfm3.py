@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, hold
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import act, fill_cache_first_call, hold
 from .lfm2 import lfm2_mlp_lrp, short_conv_lrp
 from .mamba import rms_norm_lrp
 from .primitives import uniform_rule
@@ -50,7 +50,6 @@ def qk_norm_attention_lrp(
     hf = importlib.import_module(type(module).__module__)
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
-    name = type(module).__name__
     input_shape = hidden_states.shape[:-1]
     hidden_shape = (*input_shape, -1, module.head_dim)
 
@@ -66,15 +65,8 @@ def qk_norm_attention_lrp(
         cos, sin = position_embeddings
         query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
     query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:
-        if cache.get_seq_length(module.layer_idx) > 0:
-            raise LRPError(
-                f"{name} layer {module.layer_idx}: this call continues from a cached state; run the full "
-                "sequence in one forward (use_cache=False)."
-            )
-        cached_key, _ = cache.update(key.detach(), value.detach(), module.layer_idx, kwargs=kwargs)
-        if cached_key.shape != key.shape:
-            raise LRPError(f"{name}: the cache changed the key length on a first call")
+    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
+        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
     if hasattr(module, "sliding_window"):  # as the module passes it (OlmoHybrid's attention does not)
         kwargs["sliding_window"] = module.sliding_window
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)

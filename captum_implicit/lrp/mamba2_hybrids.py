@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, hold
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import act, cast, fill_cache_first_call, hold
 from .jamba import jamba_moe_lrp
 from .mamba import rms_norm_lrp
 from .mamba2 import mamba2_mixer_lrp
@@ -77,16 +77,8 @@ def softmax_attention_lrp(
         cos, sin = position_embeddings
         query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
     query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    name = type(module).__name__
-    if cache is not None:
-        if cache.get_seq_length(module.layer_idx) > 0:
-            raise LRPError(
-                f"{name} layer {module.layer_idx}: this call continues from a cached state; run the full sequence in "
-                "one forward (use_cache=False)."
-            )
-        cached_key, _ = cache.update(key.detach(), value.detach(), module.layer_idx, kwargs=kwargs)
-        if cached_key.shape != key.shape:
-            raise LRPError(f"{name}: the cache changed the key length on a first call")
+    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
+        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
     out, weights = interface(
         module, query, key, value, attention_mask,

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, exact_region, held_delta_rule, hold, mask_padding
+from .common import act, exact_region, fill_cache_first_call, held_delta_rule, hold, mask_padding
 from .mamba import _conv_is_causal
 from .primitives import proportional, uniform_rule
 from .recurrent_gemma import rg_mlp_lrp, rg_rms_norm_lrp
@@ -213,15 +213,8 @@ def qwen3_next_attention_lrp(
     cos, sin = position_embeddings
     query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
     query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:
-        if cache.get_seq_length(module.layer_idx) > 0:
-            raise LRPError(
-                f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run the "
-                "full sequence in one forward (use_cache=False)."
-            )
-        cached_key, _ = cache.update(key.detach(), value.detach(), module.layer_idx, kwargs=kwargs)
-        if cached_key.shape != key.shape:
-            raise LRPError(f"{type(module).__name__}: the cache changed the key length on a first call")
+    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
+        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
     out, weights = interface(
         module, query, key, value, attention_mask,

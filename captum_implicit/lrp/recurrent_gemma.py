@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, exact_region, hold
+from .common import act, cast, exact_region, fill_cache_first_call, hold
 from .primitives import proportional, uniform_rule
 
 _HF = "transformers.models.recurrent_gemma.modeling_recurrent_gemma"
@@ -186,15 +186,8 @@ def rg_attention_lrp(
     cos, sin = module.rotary_emb(value, position_ids)
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:
-        if cache.get_seq_length(module.layer_idx) > 0:
-            raise LRPError(
-                f"RecurrentGemmaAttention layer {module.layer_idx}: this call continues from a cached state; run the "
-                "full sequence in one forward (use_cache=False)."
-            )
-        cached_key, cached_value = cache.update(key.detach(), value.detach(), module.layer_idx, kwargs=kwargs)
-        if cached_key.shape != key.shape:
-            raise LRPError("RecurrentGemmaAttention: the cache changed the key length on a first call")
+    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
+        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
     out, weights = interface(
         module, query, key, value, attention_mask,

@@ -27,8 +27,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, hold
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import act, fill_cache_first_call, hold
 from .mamba import rms_norm_lrp
 from .mamba2 import mamba2_mixer_lrp
 from .primitives import uniform_rule
@@ -73,18 +73,8 @@ def zamba2_attention_lrp(
         cos, sin = position_embeddings
         query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
     query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:
-        if cache.get_seq_length(layer_idx) > 0:
-            raise LRPError(
-                f"{type(module).__name__} at layer {layer_idx}: this call continues from a cached state; run the full "
-                "sequence in one forward (use_cache=False)."
-            )
-        cached_key, cached_value = cache.update(key.detach(), value.detach(), layer_idx, kwargs=kwargs)
-        if cached_key.shape != key.shape:
-            raise LRPError(f"{type(module).__name__}: the cache changed the key length on a first call")
-        # HF attends over the cache's copies (contiguous after its torch.cat): same layout, same float32 rounding
-        key = key.contiguous() if cached_key.is_contiguous() else key
-        value = value.contiguous() if cached_value.is_contiguous() else value
+    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
+        key, value = fill_cache_first_call(module, cache, key, value, kwargs, layer_idx=layer_idx)
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
     out, weights = interface(
         module, query, key, value, attention_mask,
