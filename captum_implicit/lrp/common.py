@@ -93,6 +93,27 @@ def memory_layout(x: Tensor) -> tuple[int, ...]:
     return tuple(st if n > 1 else 0 for n, st in zip(x.shape, x.stride()))
 
 
+def refuse_cached_state(module: Any, cache: Any, recurrent: bool = True) -> None:
+    """Raise :class:`LRPError` if the call of ``module`` (its ``layer_idx``) continues from a cached state.
+
+    The LRP forms explain a whole sequence from an empty state; a fresh cache (``use_cache=True`` on a first
+    call) is fine. Caches of transformers 5.2x have ``get_conv_state`` (and ``get_recurrent_state``, unless
+    ``recurrent=False``: conv-only layers); older 5.x releases (e.g. 5.17) only ``has_previous_state``.
+    """
+    if cache is None:
+        return
+    idx = module.layer_idx
+    if hasattr(cache, "get_conv_state"):
+        cached = cache.get_conv_state(idx) is not None or (recurrent and cache.get_recurrent_state(idx) is not None)
+    else:
+        cached = bool(cache.has_previous_state(idx))
+    if cached:
+        raise LRPError(
+            f"{type(module).__name__} layer {idx}: this call continues from a cached state; run the full sequence "
+            "in one forward (use_cache=False)."
+        )
+
+
 def mask_padding(h: Tensor, attention_mask: Tensor | None) -> Tensor:
     """transformers' ``apply_mask_to_padding_states``: ``h`` is ``(b, L, C)``, mask ``(b, L)``."""
     if attention_mask is None:

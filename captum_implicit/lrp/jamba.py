@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, fill_cache_first_call, hold, mask_padding
+from .common import act, fill_cache_first_call, hold, mask_padding, refuse_cached_state
 from .mamba import _conv_is_causal, rms_norm_lrp, selective_scan_lrp
 from .qwen3_next import qwen3_next_experts_lrp
 from .recurrent_gemma import rg_mlp_lrp
@@ -46,12 +46,9 @@ def jamba_mixer_lrp(
 
     if cache is None:
         cache = kwargs.pop("cache_params", None)
-    idx, name = module.layer_idx, type(module).__name__
-    if cache is not None and (cache.get_conv_state(idx) is not None or cache.get_recurrent_state(idx) is not None):
-        raise LRPError(
-            f"{name} layer {idx}: this call continues from a cached state; run the full sequence in one "
-            "forward (use_cache=False)."
-        )
+    name = type(module).__name__
+    refuse_cached_state(module, cache)
+    idx = module.layer_idx
     if module.use_mambapy:
         raise LRPError(f"{name}: use_mambapy=True (pscan) is not mirrored by the LRP form; set it False")
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype

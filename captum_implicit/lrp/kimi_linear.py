@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, exact_region, fill_cache_first_call, held_delta_rule, hold, mask_padding
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import act, exact_region, fill_cache_first_call, held_delta_rule, hold, mask_padding, refuse_cached_state
 from .mamba import _conv_is_causal, rms_norm_lrp
 from .primitives import uniform_rule
 from .qwen3_next import qwen3_next_experts_lrp
@@ -93,12 +93,8 @@ def kda_lrp(
     hf = _hf()
     if cache is None:
         cache = kwargs.pop("cache_params", None)
+    refuse_cached_state(module, cache)
     idx = module.layer_idx
-    if cache is not None and (cache.get_conv_state(idx) is not None or cache.get_recurrent_state(idx) is not None):
-        raise LRPError(
-            f"{type(module).__name__} layer {idx}: this call continues from a cached state; run the full "
-            "sequence in one forward (use_cache=False)."
-        )
     hidden_states = mask_padding(hidden_states, attention_mask)
     batch, seq_len = hidden_states.shape[:2]
     hidden_shape = (batch, seq_len, -1, module.head_dim)

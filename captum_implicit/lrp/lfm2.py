@@ -19,8 +19,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, fill_cache_first_call, hold, mask_padding
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import act, fill_cache_first_call, hold, mask_padding, refuse_cached_state
 from .mamba import _conv_is_causal, rms_norm_lrp
 from .primitives import uniform_rule
 
@@ -43,11 +43,7 @@ def short_conv_lrp(
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     seq_len = hidden_states.shape[1]
-    if cache is not None and cache.get_conv_state(module.layer_idx) is not None:
-        raise LRPError(
-            f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run the "
-            "full sequence in one forward (use_cache=False)."
-        )
+    refuse_cached_state(module, cache, recurrent=False)
     hidden_states = mask_padding(hidden_states, attention_mask)
     B, C, x = module.in_proj(hidden_states).transpose(-1, -2).chunk(3, dim=-2)
     h = _half(B * x, rules)

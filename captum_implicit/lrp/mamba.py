@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, mask_padding, round_to
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import act, cast, mask_padding, refuse_cached_state, round_to
 from .primitives import proportional, stop_gradient, uniform_rule
 
 _HF = "transformers.models.mamba.modeling_mamba"
@@ -103,12 +103,8 @@ def mamba_mixer_lrp(
     """
     if cache is None:
         cache = kwargs.pop("cache_params", None)
+    refuse_cached_state(module, cache)
     idx = module.layer_idx
-    if cache is not None and (cache.get_conv_state(idx) is not None or cache.get_recurrent_state(idx) is not None):
-        raise LRPError(
-            f"MambaMixer layer {idx}: the LRP form explains a whole sequence from an empty state; this call "
-            "continues from a cached state. Run the full sequence in one forward (use_cache=False)."
-        )
     seq_len, dtype = hidden_states.shape[1], hidden_states.dtype
 
     hidden_states = mask_padding(hidden_states, attention_mask)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, exact_region, hold, mask_padding, round_to
+from .common import act, cast, exact_region, hold, mask_padding, refuse_cached_state, round_to
 from .mamba import _conv_is_causal, rms_norm_lrp
 from .primitives import uniform_rule
 
@@ -166,15 +166,6 @@ def mamba2_mixer_lrp(
 Finish = Callable[[Callable[[torch.dtype], Tensor], Tensor], Tensor]
 
 
-def _has_state(cache: Any, idx: int) -> bool:
-    """Whether ``cache`` holds a conv or recurrent state for layer ``idx`` (the caches of transformers 5.2x have
-    ``get_conv_state``; older 5.x releases, e.g. 5.17, only ``has_previous_state``)."""
-    if hasattr(cache, "get_conv_state"):
-        return cache.get_conv_state(idx, state_idx=0) is not None or cache.get_recurrent_state(
-            idx, state_idx=0) is not None
-    return bool(cache.has_previous_state(idx))
-
-
 def mamba2_mixer_core(
     module: nn.Module,
     rules: GatedLinearRules,
@@ -199,12 +190,8 @@ def mamba2_mixer_core(
         (b, L, C) computed in ``compute_dtype``, ``gate`` (b, L, C) is the gate's pre-activation.
         Default: Mamba2's grouped gated RMSNorm (norm after gate) with its float32 region made exact.
     """
+    refuse_cached_state(module, cache)
     idx = module.layer_idx
-    if cache is not None and _has_state(cache, idx):
-        raise LRPError(
-            f"{type(module).__name__} layer {idx}: the LRP form explains a whole sequence from an empty state; this "
-            "call continues from a cached state. Run the full sequence in one forward (use_cache=False)."
-        )
     batch, seq_len, _ = hidden_states.shape
     dtype = hidden_states.dtype
 

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import mask_padding
+from .common import mask_padding, refuse_cached_state
 from .lara_mini import plain_rms_norm_lrp
 from .lfm3 import qk_norm_attention_lrp
-from .qwen3_next import _refuse_cached, gdn_after_projections, rms_norm_gated_lrp
+from .qwen3_next import gdn_after_projections, rms_norm_gated_lrp
 from .recurrent_gemma import rg_mlp_lrp
 
 _HF = "transformers.models.olmo_hybrid.modeling_olmo_hybrid"
@@ -42,7 +42,7 @@ def olmo_gdn_lrp(
     if cache is None:
         cache = kwargs.pop("cache_params", None)
     hidden_states = mask_padding(hidden_states, attention_mask)
-    _refuse_cached(module, cache)
+    refuse_cached_state(module, cache)
     batch, seq_len = hidden_states.shape[:2]
     h = hidden_states
     mixed = torch.cat([module.q_proj(h), module.k_proj(h), module.v_proj(h)], dim=-1)

@@ -22,9 +22,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import mask_padding
+from .common import mask_padding, refuse_cached_state
 from .qwen3_next import (
-    _refuse_cached,
     gdn_after_projections,
     qwen3_next_attention_lrp,
     qwen3_next_experts_lrp,
@@ -49,7 +48,7 @@ def split_gdn_lrp(
     if cache is None:
         cache = kwargs.pop("cache_params", None)
     hidden_states = mask_padding(hidden_states, attention_mask)
-    _refuse_cached(module, cache)
+    refuse_cached_state(module, cache)
     batch, seq_len = hidden_states.shape[:2]
     mixed = module.in_proj_qkv(hidden_states)
     z = module.in_proj_z(hidden_states).reshape(batch, seq_len, -1, module.head_v_dim)

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, exact_region, fill_cache_first_call, held_delta_rule, hold, mask_padding
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import act, exact_region, fill_cache_first_call, held_delta_rule, hold, mask_padding, refuse_cached_state
 from .mamba import _conv_is_causal
 from .primitives import proportional, uniform_rule
 from .recurrent_gemma import rg_mlp_lrp, rg_rms_norm_lrp
@@ -99,23 +99,13 @@ def gdn_lrp(
         cache = kwargs.pop("cache_params", None)
     kwargs.pop("cu_seq_lens_q", None)
     hidden_states = mask_padding(hidden_states, attention_mask)
-    _refuse_cached(module, cache)
+    refuse_cached_state(module, cache)
     qkvz = module.in_proj_qkvz(hidden_states)
     ba = module.in_proj_ba(hidden_states)
     query, key, value, z, b, a = module.fix_query_key_value_ordering(qkvz, ba)
     query, key, value = (x.reshape(x.shape[0], x.shape[1], -1) for x in (query, key, value))
     mixed = torch.cat((query, key, value), dim=-1)
     return gdn_after_projections(module, rules, mixed, z, b, a, cache)
-
-
-def _refuse_cached(module: nn.Module, cache: Any) -> None:
-    if cache is not None and (
-        cache.get_conv_state(module.layer_idx) is not None or cache.get_recurrent_state(module.layer_idx) is not None
-    ):
-        raise LRPError(
-            f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run the "
-            "full sequence in one forward (use_cache=False)."
-        )
 
 
 def gdn_after_projections(

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, mask_padding
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import act, mask_padding, refuse_cached_state
 from .mamba import _conv_is_causal, rms_norm_lrp, selective_scan_lrp
 from .recurrent_gemma import rg_mlp_lrp
 from .zamba2 import zamba2_attention_lrp
@@ -50,12 +50,8 @@ def zamba_mixer_lrp(
     """
     if cache is None:
         cache = kwargs.pop("cache_params", None)
+    refuse_cached_state(module, cache)
     idx = module.layer_idx
-    if cache is not None and (cache.get_conv_state(idx) is not None or cache.get_recurrent_state(idx) is not None):
-        raise LRPError(
-            f"ZambaMambaMixer layer {idx}: this call continues from a cached state; run the full sequence in one "
-            "forward (use_cache=False)."
-        )
     batch, seq_len, _ = hidden_states.shape
     dtype = hidden_states.dtype
     heads, head_dim = module.n_mamba_heads, module.mamba_head_dim
