@@ -79,6 +79,28 @@ def fill_cache_first_call(
     return _layout_like(key, cached_key), _layout_like(value, cached_value)
 
 
+def held_softmax_attention(
+    module: Any, rules: GatedLinearRules, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+    cache: Any, kwargs: dict, eager: Callable, layer_idx: int | None = None, **extra: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """HF's attention call with the softmax probabilities held: linear in ``value``.
+
+    ``query`` / ``key`` (after rotary) are held under ``rules.detach_softmax``; with a cache, K/V are stored and
+    taken back in the cache's layout (:func:`fill_cache_first_call`); then the module's configured attention
+    function runs (``eager`` when it is eager), with the module's dropout and scaling unless ``extra`` sets them.
+    Returns ``(out, weights)`` as the attention function does.
+    """
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
+    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
+        key, value = fill_cache_first_call(module, cache, key, value, kwargs, layer_idx=layer_idx)
+    extra.setdefault("dropout", 0.0 if not module.training else module.attention_dropout)
+    extra.setdefault("scaling", module.scaling)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager)
+    return interface(module, query, key, value, attention_mask, **extra, **kwargs)
+
+
 def _layout_like(x: Tensor, ref: Tensor) -> Tensor:
     """``x`` (same shape and values as ``ref``) in ``ref``'s memory layout; differentiable (a copy where needed)."""
     if memory_layout(x) == memory_layout(ref):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, fill_cache_first_call, hold, mask_padding, refuse_cached_state
+from .common import act, held_softmax_attention, hold, mask_padding, refuse_cached_state
 from .mamba import _conv_is_causal, rms_norm_lrp, selective_scan_lrp
 from .qwen3_next import qwen3_next_experts_lrp
 from .recurrent_gemma import rg_mlp_lrp
@@ -92,7 +92,6 @@ def jamba_attention_lrp(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """LRP form of ``JambaAttention.forward``: HF's attention with queries and keys held constant."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.jamba.modeling_jamba import eager_attention_forward
 
     if cache is None:
@@ -102,13 +101,8 @@ def jamba_attention_lrp(
     query = module.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     key = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
-        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
-    out, weights = interface(
-        module, query, key, value, attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs,
+    out, weights = held_softmax_attention(
+        module, rules, query, key, value, attention_mask, cache, kwargs, eager_attention_forward
     )
     return module.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 

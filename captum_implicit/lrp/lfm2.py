@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, fill_cache_first_call, hold, mask_padding, refuse_cached_state
+from .common import act, held_softmax_attention, mask_padding, refuse_cached_state
 from .mamba import _conv_is_causal, rms_norm_lrp
 from .primitives import uniform_rule
 
@@ -76,7 +76,6 @@ def lfm2_attention_lrp(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """LRP form of ``Lfm2Attention.forward``: HF's attention with queries and keys held constant."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.lfm2.modeling_lfm2 import apply_rotary_pos_emb, eager_attention_forward
 
     if cache is None:
@@ -88,12 +87,9 @@ def lfm2_attention_lrp(
     value = module.v_proj(hidden_states).view(*hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
-        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
-    out, weights = interface(module, query, key, value, attention_mask, dropout=0.0, scaling=module.scaling,
-                             **kwargs)
+    out, weights = held_softmax_attention(
+        module, rules, query, key, value, attention_mask, cache, kwargs, eager_attention_forward, dropout=0.0
+    )
     return module.out_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 

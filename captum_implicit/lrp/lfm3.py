@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, fill_cache_first_call, hold
+from .common import act, held_softmax_attention
 from .lfm2 import lfm2_mlp_lrp, short_conv_lrp
 from .mamba import rms_norm_lrp
 from .primitives import uniform_rule
@@ -45,7 +45,6 @@ def qk_norm_attention_lrp(
     """
     import importlib
 
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     hf = importlib.import_module(type(module).__module__)
     if cache is None:
@@ -64,15 +63,10 @@ def qk_norm_attention_lrp(
     if position_embeddings is not None:
         cos, sin = position_embeddings
         query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
-    query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
-        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
-    if hasattr(module, "sliding_window"):  # as the module passes it (OlmoHybrid's attention does not)
-        kwargs["sliding_window"] = module.sliding_window
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
-    out, weights = interface(
-        module, query, key, value, attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs,
+    # the sliding window as the module passes it (OlmoHybrid's attention does not)
+    extra = {"sliding_window": module.sliding_window} if hasattr(module, "sliding_window") else {}
+    out, weights = held_softmax_attention(
+        module, rules, query, key, value, attention_mask, cache, kwargs, hf.eager_attention_forward, **extra
     )
     if getattr(module, "g_proj", None) is not None:  # (b, L, heads, d) ⊙ σ(g)(b, L, heads, 1)
         out = out * act(torch.sigmoid, module.g_proj(hidden_states), rules).unsqueeze(-1)

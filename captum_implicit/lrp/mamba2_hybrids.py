@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, cast, fill_cache_first_call, hold
+from .common import act, cast, held_softmax_attention, hold
 from .jamba import jamba_moe_lrp
 from .mamba import rms_norm_lrp
 from .mamba2 import mamba2_mixer_lrp
@@ -61,7 +61,6 @@ def softmax_attention_lrp(
     attention; a ``key_multiplier`` attribute (FalconH1) scales the keys as HF does. The hybrids order their
     arguments differently and always call attention by keyword, hence keyword-only arguments here.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     hf = sys.modules[type(module).__module__]
     if cache is None:
@@ -76,13 +75,8 @@ def softmax_attention_lrp(
     if position_embeddings is not None:
         cos, sin = position_embeddings
         query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
-    query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
-        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
-    out, weights = interface(
-        module, query, key, value, attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs,
+    out, weights = held_softmax_attention(
+        module, rules, query, key, value, attention_mask, cache, kwargs, hf.eager_attention_forward
     )
     return module.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 

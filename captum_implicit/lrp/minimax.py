@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, fill_cache_first_call, hold, mask_padding
+from .common import act, held_softmax_attention, hold, mask_padding
 from .mamba import rms_norm_lrp
 from .primitives import uniform_rule
 from .qwen3_next import qwen3_next_experts_lrp
@@ -118,7 +118,6 @@ def minimax_attention_lrp(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """LRP form of ``MiniMaxAttention.forward``: softmax probabilities held, linear in V."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     hf = _hf()
     if cache is None:
@@ -130,14 +129,9 @@ def minimax_attention_lrp(
     value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
-    query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
-        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
-    out, weights = interface(
-        module, query, key, value, attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling,
-        sliding_window=getattr(module.config, "sliding_window", None), **kwargs,
+    out, weights = held_softmax_attention(
+        module, rules, query, key, value, attention_mask, cache, kwargs, hf.eager_attention_forward,
+        sliding_window=getattr(module.config, "sliding_window", None),
     )
     return module.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 

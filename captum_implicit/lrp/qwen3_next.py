@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, exact_region, fill_cache_first_call, held_delta_rule, hold, mask_padding, refuse_cached_state
+from .common import act, exact_region, held_delta_rule, held_softmax_attention, hold, mask_padding, refuse_cached_state
 from .mamba import _conv_is_causal
 from .primitives import proportional, uniform_rule
 from .recurrent_gemma import rg_mlp_lrp, rg_rms_norm_lrp
@@ -188,7 +188,6 @@ def qwen3_next_attention_lrp(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """LRP form of ``Qwen3NextAttention.forward``: probabilities held, sigmoid output gate split half/half."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     hf = _hf(module)
     if cache is None:
@@ -202,13 +201,8 @@ def qwen3_next_attention_lrp(
     value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
-    query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
-        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
-    out, weights = interface(
-        module, query, key, value, attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs,
+    out, weights = held_softmax_attention(
+        module, rules, query, key, value, attention_mask, cache, kwargs, hf.eager_attention_forward
     )
     out = out.reshape(*input_shape, -1).contiguous()
     out = out * act(torch.sigmoid, gate, rules)

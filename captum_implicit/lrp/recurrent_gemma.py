@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, exact_region, fill_cache_first_call, hold
+from .common import act, cast, exact_region, held_softmax_attention, hold
 from .primitives import proportional, uniform_rule
 
 _HF = "transformers.models.recurrent_gemma.modeling_recurrent_gemma"
@@ -170,7 +170,6 @@ def rg_attention_lrp(
     **kwargs: Any,
 ) -> tuple[Tensor, Tensor | None]:
     """LRP form of ``RecurrentGemmaAttention.forward``: HF's attention with queries and keys held constant."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
     from transformers.models.recurrent_gemma.modeling_recurrent_gemma import (
         apply_rotary_pos_emb,
         eager_attention_forward,
@@ -185,14 +184,9 @@ def rg_attention_lrp(
     value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = module.rotary_emb(value, position_ids)
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
-    query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
-        key, value = fill_cache_first_call(module, cache, key, value, kwargs)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention_forward)
-    out, weights = interface(
-        module, query, key, value, attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout,
-        scaling=module.scaling, sliding_window=module.sliding_window, **kwargs,
+    out, weights = held_softmax_attention(
+        module, rules, query, key, value, attention_mask, cache, kwargs, eager_attention_forward,
+        sliding_window=module.sliding_window,
     )
     out = out.reshape(*input_shape, -1).contiguous()
     return module.o_proj(out), weights

@@ -28,7 +28,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, fill_cache_first_call, hold
+from .common import act, held_softmax_attention
 from .mamba import rms_norm_lrp
 from .mamba2 import mamba2_mixer_lrp
 from .primitives import uniform_rule
@@ -51,7 +51,6 @@ def zamba2_attention_lrp(
     Also ``ZambaAttention``'s (Zamba v1: the same forward without adapters and RoPE). The module's own modeling
     file supplies RoPE and the eager attention.
     """
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     hf = sys.modules[type(module).__module__]
     if cache is None:
@@ -72,13 +71,9 @@ def zamba2_attention_lrp(
     if getattr(module.config, "use_mem_rope", False):
         cos, sin = position_embeddings
         query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
-    query, key = hold(query, rules.detach_softmax), hold(key, rules.detach_softmax)
-    if cache is not None:  # HF attends over the cache's copies: same layout, same float32 rounding
-        key, value = fill_cache_first_call(module, cache, key, value, kwargs, layer_idx=layer_idx)
-    interface = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, hf.eager_attention_forward)
-    out, weights = interface(
-        module, query, key, value, attention_mask,
-        dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs,
+    out, weights = held_softmax_attention(
+        module, rules, query, key, value, attention_mask, cache, kwargs, hf.eager_attention_forward,
+        layer_idx=layer_idx,
     )
     return module.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
