@@ -36,6 +36,34 @@ if os.environ.get("CAPTUM_IMPLICIT_FIRST_TRITON_CONFIG") == "1":
     except ImportError:
         pass
 
+def _fla_in_full_float32() -> None:
+    """GPU runs: make fla's float32 kernels compute in float32, so the exactness tests compare maths, not TF32.
+
+    fla leaves most ``tl.dot`` precisions to Triton's default (TF32 on Hopper; ``TRITON_F32_DEFAULT=ieee`` turns it
+    off) and hard-codes TF32 in the triangular solves of the chunked delta rules (``SOLVE_TRIL_DOT_PRECISION``,
+    module constants read when a kernel first compiles). In their default mode these kernels differ from float32
+    maths by ~1e-3 relative (measured 2.5e-3 at L = 200), their own rounding. Must run before any fla kernel compiles.
+    """
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+    try:
+        import importlib
+
+        import triton.language as tl
+    except ImportError:
+        return
+    for name in ("fla.ops.gated_delta_rule.chunk_fwd", "fla.ops.kda.chunk_intra", "fla.ops.gdn2.chunk_intra"):
+        try:
+            module = importlib.import_module(name)
+        except Exception:  # fla absent, or a version without this module
+            continue
+        if hasattr(module, "SOLVE_TRIL_DOT_PRECISION"):
+            module.SOLVE_TRIL_DOT_PRECISION = tl.constexpr("ieee")
+
+
+if torch.cuda.is_available():
+    _fla_in_full_float32()
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a - b| / max |b| (the bound the exactness tests state)."""
     a, b = a.detach().double(), b.detach().double()

@@ -165,5 +165,5 @@ def test_fla_kernel_output_on_gpu(kind):
     with OutputRecorder(model, suffix=out_name) as rec:
         layers = implicit_attention(model, **inputs)
     (attn,) = [a for a in layers if a.family == "gated_deltanet"]
-    # fla's Triton kernels feed float32 operands to tl.dot, which may use TF32 (10-bit mantissa): ~1e-3
-    assert rel_err(attn.output(), rec.inputs[attn.name]) < 2e-3
+    # fla's kernels in IEEE float32 (conftest._fla_in_full_float32; in their default TF32 mode ~1e-3)
+    assert rel_err(attn.output(), rec.inputs[attn.name]) < 1e-4

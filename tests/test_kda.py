@@ -128,5 +128,5 @@ def test_fla_kernel_output_on_gpu():
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _inputs(0, 200, 5).items()}
     with OutputRecorder(model, suffix="o_proj") as rec:
         attn = _kda(model, **inputs)
-    # fla's Triton kernels feed float32 operands to tl.dot, which may use TF32 (10-bit mantissa): ~1e-3
-    assert rel_err(attn.output(), rec.inputs[attn.name]) < 2e-3
+    # fla's kernels in IEEE float32 (conftest._fla_in_full_float32; in their default TF32 mode ~1e-3)
+    assert rel_err(attn.output(), rec.inputs[attn.name]) < 1e-4

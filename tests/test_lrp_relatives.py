@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -451,6 +452,11 @@ def test_gpu_canonized_model(family):
     """On CUDA transformers may call fused kernels (fla's chunked delta rule / KDA, causal-conv1d); the LRP forms
     run HF's torch paths for the relevance (HF's own kernel for the delta rule's value), so logits agree to float32
     rounding and relevance conserves to float32 rounding."""
-    model = BUILD[family](seed=8, dtype=torch.float32).cuda()
+    try:
+        model = BUILD[family](seed=8, dtype=torch.float32).cuda()
+    except AttributeError as error:  # the GPU machine's transformers may predate the family
+        if "module transformers has no attribute" not in str(error):
+            raise
+        pytest.skip(f"{family}: not in transformers {transformers.__version__} ({error})")
     ids = torch.randint(1, VOCAB, (2, 32), device="cuda")
     check_gpu_canonized_logits(model, ids, torch.tensor([1, 2], device="cuda"))
