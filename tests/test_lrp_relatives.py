@@ -1,7 +1,8 @@
 """LRP (captum_implicit.lrp) on the HF relatives of the families with LRP forms: Qwen3.5 / Qwen3.5-MoE, LaraMini,
-OlmoHybrid and Qwen4-Exp's linear layers (Gated DeltaNet, as Qwen3-Next; Qwen4-Exp with gated hyper-connections),
-LFM2-MoE / LFM3 (gated short convs, as LFM2), Bailing-Hybrid and GLM-5-Next's linear layers (KDA, as
-Kimi-Linear; GLM-5-Next with hyper-connections and, lacking a causal LM class, a readout). Tiny random float64
+OlmoHybrid and Qwen4-Exp (Gated DeltaNet, as Qwen3-Next; Qwen4-Exp with gated hyper-connections and QSA sparse
+attention), LFM2-MoE / LFM3 (gated short convs, as LFM2), Bailing-Hybrid and GLM-5-Next (KDA, as Kimi-Linear;
+GLM-5-Next with hyper-connections, DSA sparse MLA and, lacking a causal LM class, a readout). ``glm5_next`` /
+``qwen4_exp`` are linear-only; ``glm5_next_dsa`` / ``qwen4_exp_qsa`` add the sparse softmax layers. Tiny random float64
 models; they return float64 logits.
 
 HF's default MoE experts implementation (``grouped_mm``) refuses float64 on CPU, so the MoE models use HF's
