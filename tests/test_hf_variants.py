@@ -53,7 +53,7 @@ def _lara_mini():
 
 
 def _qwen4_exp():
-    # only linear layers: Qwen4-Exp's softmax layers are indexed sparse attention (QSA), not supported;
+    # linear layers only here (its QSA softmax layers: tests/test_sparse_attention.py);
     # output_gate_type="sigmoid" exercises the non-default gate activation of its gated norm
     cfg = T.Qwen4ExpTextConfig(**_GDN, shared_expert_intermediate_size=64, layer_types=["linear_attention"] * 2,
                                hc_lowrank=8, ngram_vocab_size_base=1000, eos_token_id=1, output_gate_type="sigmoid")
@@ -67,7 +67,7 @@ def _bailing():
 
 
 def _glm5_next():
-    # only linear layers: GLM-5-Next's softmax layers are DSA (indexed sparse MLA), not supported
+    # linear layers only here (its DSA softmax layers: tests/test_sparse_attention.py)
     cfg = T.Glm5NextTextConfig(**_KDA, qk_rope_head_dim=0, n_routed_experts=2, q_lora_rank=16, index_head_dim=16,
                                index_n_heads=2, hc_mult=2, layer_types=["linear_attention"] * 2)
     return T.Glm5NextTextModel(cfg)

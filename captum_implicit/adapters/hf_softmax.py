@@ -14,6 +14,23 @@ and the NaN spreads to every later layer, although the model's default SDPA path
 capture the float64 mask is therefore clamped to ``finfo(float32).min``: rows with any visible key
 get bitwise the same probabilities (masked entries still underflow to exactly 0 in float32), fully
 masked pad rows get the uniform row float32 models get instead of NaN.
+
+Indexed sparse attention (issues 3 and 5). Both layers pass their sparse selection to eager attention as part of
+the additive mask, so the recorded probabilities are already the sparse matrix the layer applies to V:
+
+* GLM-5-Next ``Glm5NextTextAttention`` (DSA, MLA-style latents, NoPE: ``qk_rope_head_dim = 0``):
+  ``q = q_b(RMSNorm(q_a(x)))``, ``[k_nope, v] = kv_b(RMSNorm(kv_a(x)))`` per head, ``k = [k_nope, k_rot]``
+  (``k_rot`` empty); the indexer (its own ``wq_b``/``wk`` scoring of k-pools, ReLU, head weights, top-k pools
+  expanded to tokens, plus the visible incomplete tail pool; a ``"shared"`` layer reuses the previous layer's
+  indices) gives per query ``t`` a key set ``S_t`` (causal, non-pad). Per head
+  ``P[t, s] = softmax_s(q_t·k_s/√d_qk + m_ts)``, ``m_ts = 0`` for ``s ∈ S_t`` else ``finfo.min``;
+  ``A_c = P_{h(c)}``, values ``v`` (no gate, no sink). A query with an empty ``S_t`` (a pad row) has every key
+  masked: uniform over all keys (see :mod:`~captum_implicit.layers.softmax` for its future part).
+* Qwen4-Exp ``Qwen4ExpTextAttention`` (QSA): the causal mask restricted to the indexer's selected tokens (complete
+  blocks of ``indexer_compress_ratio`` visible tokens scored by mean-pooled, normed, rotated keys against the
+  indexer's queries, ``Σ_heads ReLU(q·k)``, the top ``budget / ratio`` blocks, plus the incomplete tail block);
+  then Qwen3-Next's gated attention: ``A_c = diag(σ(gate_c)) · P_{h(c)}`` with ``P`` softmax over the selected
+  keys (q/k RMS-normed, partial RoPE), values ``v_proj(x)`` repeated over the query heads of each kv head.
 """
 
 from __future__ import annotations
@@ -157,7 +174,14 @@ for _model, _cls, _out, _gate in [
     ("qwen3_5_moe", "Qwen3_5MoeAttention", "o_proj", "qwen"),
     ("lara_mini", "LaraMiniAttention", "o_proj", None),
     ("bailing_hybrid", "BailingHybridAttention", "o_proj", "head_f32"),
+    # indexed sparse attention: the selection is in the mask eager attention gets (tests/test_sparse_attention.py)
+    ("glm5_next", "Glm5NextTextAttention", "o_proj", None),
+    ("qwen4_exp", "Qwen4ExpTextAttention", "o_proj", "qwen"),
 ]:
+    _sparse_note = {
+        "Glm5NextTextAttention": "; DSA: only the indexer's top-k pools (+ tail) unmasked",
+        "Qwen4ExpTextAttention": "; QSA: only the indexer's top-k blocks (+ tail) unmasked",
+    }.get(_cls, "")
     _gate_fn, _gate_inputs, _gate_note = _GATES[_gate]
     register_adapter(
         Adapter(
@@ -169,7 +193,7 @@ for _model, _cls, _out, _gate in [
             submodule_inputs=_gate_inputs,
             output_module=_out,
             prepare=_prepare,
-            notes="probabilities as eager attention gives them; values = V per head" + _gate_note,
+            notes="probabilities as eager attention gives them; values = V per head" + _gate_note + _sparse_note,
         ),
         first=False,
     )

@@ -14,18 +14,27 @@ New forms:
   weight a sum), the collapse ``Σ_n pre_n x_n`` and the decoder's ``post ⊙ out + combᵀ x`` are linear in the
   streams. The final ``Glm5NextTextHyperHead`` (a mean) is linear as it is.
 
-The indexed sparse MLA of its softmax layers (``Glm5NextTextAttention``, DSA) has no form: a model with softmax
-layers runs them as they are and relevance does not conserve there. A call that continues from a cached state is
-refused (:class:`LRPError`).
+* ``Glm5NextTextAttention`` (DSA: indexed sparse MLA, NoPE): ``q = q_b(RMSNorm(q_a x))``, ``[k_nope, v] =
+  kv_b(RMSNorm(kv_a x))``; the indexer's top-k selection (its own ``wq_b`` / ``wk`` / k-pool scoring, computed by
+  HF under ``no_grad``; a ``"shared"`` layer reuses the previous layer's indices) is a discrete choice held as it
+  is, turned into the additive mask by the module's own ``build_attention_mask_from_topk``; queries and the
+  expanded keys held (``rules.detach_softmax``, :func:`~captum_implicit.lrp.common.held_softmax_attention`): the
+  probabilities are constants and the layer is linear in the value latents (through ``kv_a_layernorm``'s LN rule
+  and ``kv_b_proj``). The cache stores the latents (filled as HF fills it on a first call).
+
+A call that continues from a cached state is refused (:class:`LRPError`).
 """
 
 from __future__ import annotations
+
+import importlib
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import hold
+from .common import fill_cache_first_call, held_softmax_attention, hold
 from .kimi_linear import kda_lrp, kimi_moe_lrp, kimi_rms_norm_gated_lrp
 from .mamba import rms_norm_lrp
 from .qwen3_next import qwen3_next_experts_lrp, swiglu
@@ -67,7 +76,54 @@ def hyper_connection_lrp(
     return post, comb, collapsed
 
 
+def dsa_attention_lrp(
+    module: nn.Module,
+    rules: GatedLinearRules,
+    hidden_states: Tensor,
+    attention_mask: Tensor | None,
+    cache: Any = None,
+    prev_topk_indices: Tensor | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """LRP form of ``Glm5NextTextAttention.forward``: selection and probabilities held, linear in the value latents.
+
+    ``hidden_states`` (b, L, H); ``attention_mask`` the model's (b, L) boolean padding mask (the indexer's input).
+    Returns ``(o_proj(out) (b, L, H), weights, top-k indices (b, L, k) for a following shared layer, or None)``.
+    """
+    hf = importlib.import_module(type(module).__module__)
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    batch, seq_len = hidden_states.shape[:-1]
+    q_resid = module.q_a_layernorm(module.q_a_proj(hidden_states))
+    query = module.q_b_proj(q_resid).view(batch, seq_len, -1, module.qk_head_dim).transpose(1, 2)
+    kv_pass, k_rot = torch.split(
+        module.kv_a_proj_with_mqa(hidden_states), [module.kv_lora_rank, module.qk_rope_head_dim], dim=-1
+    )
+    k_pass = module.kv_a_layernorm(kv_pass).view(batch, 1, seq_len, module.kv_lora_rank)
+    k_rot = k_rot.view(batch, 1, seq_len, module.qk_rope_head_dim)
+    if cache is not None:  # HF caches the latents before the indexer runs (the indexer reads the cache's length)
+        k_pass, k_rot = fill_cache_first_call(module, cache, k_pass, k_rot, kwargs, what="latent")
+    key, value = module.expand_kv(k_pass, k_rot)
+    if module.indexer is not None:  # HF's own indexer (under no_grad): the top-k selection is a discrete choice
+        topk_indices = module.indexer(hidden_states=hidden_states, q_resid=q_resid, attention_mask=attention_mask,
+                                      cache=cache)
+    elif prev_topk_indices is None:
+        raise ValueError("Shared DSA layers require top-k indices from a previous full indexer layer.")
+    else:
+        topk_indices = prev_topk_indices
+    mask = module.build_attention_mask_from_topk(topk_indices=topk_indices, query_states=query,
+                                                 kv_length=key.shape[2])
+    # the latents are cached already: K and V are expanded from the cache's copies, no second fill
+    out, weights = held_softmax_attention(module, rules, query, key, value, mask, None, kwargs,
+                                          hf.eager_attention_forward)
+    out = module.o_proj(out.reshape(batch, seq_len, -1).contiguous())
+    return out, weights, topk_indices if module.next_skip_topk else None
+
+
 for _cls, _fwd, _note in [
+    ("Glm5NextTextAttention", dsa_attention_lrp,
+     "DSA (sparse MLA): indexer's top-k selection held; softmax probabilities held (q, expanded k detached): "
+     "linear in the value latents"),
     ("Glm5NextTextLinearAttention", kda_lrp,
      "as Kimi's KDA: identity rule on the conv's SiLU; q, k, β, channel-wise decays held: delta rule linear in v; "
      "float32 kernel made exact"),

@@ -14,22 +14,28 @@ New forms:
   MoE routing they only weight a sum); the mixed input ``mean_s(w_s ⊙ n_s)`` is then linear in ``n``, and the
   decoder's ``hyper_input + out ⊙ injection`` linear in the streams and the block output.
 
-Not covered: the indexed sparse attention (QSA, ``Qwen4ExpTextAttention``) and the per-layer n-gram embeddings
-(PLE, ``ple_layer_ids``): the n-gram embeddings are a second input that ``inputs_embeds`` does not carry. A call that
-continues from a cached state is refused (:class:`LRPError`).
+* ``Qwen4ExpTextAttention`` (QSA): the indexer's block selection (a discrete choice: HF's own indexer, run without
+  a graph) is held and combined with the causal mask as HF combines them; then Qwen3-Next's gated attention form
+  (:func:`~captum_implicit.lrp.qwen3_next.qwen3_next_attention_lrp`: q/k normed and rotated, probabilities held,
+  half rule and identity rule on ``o ⊙ σ(gate)``), linear in V.
+
+Not covered: the per-layer n-gram embeddings (PLE, ``ple_layer_ids``): they are a second input that
+``inputs_embeds`` does not carry. A call that continues from a cached state is refused (:class:`LRPError`).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
 from .common import cast, hold
 from .primitives import proportional
 from .qwen3_5 import split_gdn_lrp
-from .qwen3_next import qwen3_next_experts_lrp, qwen3_next_moe_lrp, rms_norm_gated_lrp
+from .qwen3_next import qwen3_next_attention_lrp, qwen3_next_experts_lrp, qwen3_next_moe_lrp, rms_norm_gated_lrp
 from .recurrent_gemma import rg_mlp_lrp
 
 _HF = "transformers.models.qwen4_exp.modeling_qwen4_exp"
@@ -72,7 +78,43 @@ def gated_residual_lrp(
     return mixed, hyper_input, injection
 
 
+def qsa_attention_lrp(
+    module: nn.Module,
+    rules: GatedLinearRules,
+    hidden_states: Tensor,
+    position_embeddings: tuple[Tensor, Tensor],
+    attention_mask: Tensor,
+    cache: Any = None,
+    **kwargs: Any,
+) -> tuple[Tensor, Tensor | None]:
+    """LRP form of ``Qwen4ExpTextAttention.forward``: the indexer's selection and the probabilities held.
+
+    ``hidden_states`` (b, L, H); ``position_embeddings`` cos/sin over all positions (b, P, d_rot); ``attention_mask``
+    the model's 4-D causal mask (bool for SDPA, additive for eager). Returns ``(o_proj(out) (b, L, H), weights)``.
+    """
+    if cache is None:
+        cache = kwargs.pop("past_key_values", None)
+    if cache is not None and cache.get_seq_length(module.layer_idx) > 0:  # before the indexer writes to the cache
+        raise LRPError(
+            f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run the full "
+            "sequence in one forward (use_cache=False)."
+        )
+    with torch.no_grad():  # a discrete choice (top-k blocks), as HF computes it
+        selected = module.indexer(hidden_states, position_embeddings, attention_mask, cache)
+    if attention_mask.dtype == torch.bool:
+        attention_mask = attention_mask & selected
+    else:
+        attention_mask = attention_mask.masked_fill(~selected, torch.finfo(attention_mask.dtype).min)
+    seq_len = hidden_states.shape[1]
+    position_embeddings = tuple(x[:, -seq_len:, :] for x in position_embeddings)
+    return qwen3_next_attention_lrp(module, rules, hidden_states, position_embeddings, attention_mask, cache,
+                                    **kwargs)
+
+
 for _cls, _fwd, _note in [
+    ("Qwen4ExpTextAttention", qsa_attention_lrp,
+     "QSA: indexer's block selection held; softmax probabilities held (q, k detached): linear in V; half rule on "
+     "o ⊙ σ(gate)"),
     ("Qwen4ExpTextGatedDeltaNet", split_gdn_lrp,
      "as Qwen3.5's: identity rule on the conv's SiLU; q, k, β, decays held: delta rule linear in v; float32 kernel "
      "made exact"),
