@@ -425,5 +425,7 @@ def test_gpu_cache_filled_on_first_call_and_continuation_refused():
                     model(ids[:, -1:], inference_params=params)
         for i, (conv, ssm) in ref_params.key_value_memory_dict.items():
             conv2, ssm2 = params.key_value_memory_dict[i]
-            assert torch.equal(conv2, conv), (layer, i)  # the pre-conv inputs, copied
-            assert rel_err(ssm2, ssm) < FLOAT32, (layer, i)
+            # the pre-conv inputs and the last states; float32 rounding apart (Mamba computes in_proj as
+            # weight @ x, the form calls in_proj; the scans sum in other orders)
+            assert conv2.abs().max() > 0 and rel_err(conv2, conv) < FLOAT32, (layer, i)
+            assert ssm2.abs().max() > 0 and rel_err(ssm2, ssm) < FLOAT32, (layer, i)
