@@ -31,7 +31,8 @@ from captum_implicit.lrp import GatedLinearComposite, LRPError  # noqa: E402
 from captum_implicit.lrp.canonizers import find_lrp_form, mixers_without_lrp_form  # noqa: E402
 from conftest import rel_err, requires_cuda  # noqa: E402
 from _lrp_checks import CONSERVE, FLOAT32, assert_restored, check_ablation, check_bias_absorption  # noqa: E402
-from _lrp_checks import check_conservation, check_restored_and_captum_class, model_state  # noqa: E402
+from _lrp_checks import check_conservation, check_conservation_float32, check_restored_and_captum_class  # noqa: E402
+from _lrp_checks import model_state  # noqa: E402
 from _lrp_checks import rel_conservation, relevance  # noqa: E402
 
 EXAMPLES = min(settings().max_examples, 4)
@@ -192,6 +193,14 @@ def test_conservation_across_chunk_branch(kind):
     model = tiny(kind, seed=9)
     R, f, _ = relevance(model, _ids(9, 1, 70), torch.tensor([4]))
     assert rel_conservation(R, f) <= CONSERVE
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_conservation_float32(kind):
+    """A float32 model (fla's naive kernels' own float32 values, gradients through them): float32 rounding
+    (measured ≤ 2e-6)."""
+    model = tiny(kind, seed=11, dtype=torch.float32)
+    check_conservation_float32(model, _ids(1, 2, 12), torch.tensor([3, 5]))
 
 
 @pytest.mark.parametrize("kind,kw", [("rwkv6", {}), ("gla", {"conv": True, "conv_bias": True}),
