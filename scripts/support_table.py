@@ -72,6 +72,12 @@ def render() -> str:
         "outside a capture crash. To run them: `pip download --no-deps -d /tmp/fla-dl flash-linear-attention",
         "fla-core`, `pip install --no-deps --target /tmp/fla-site /tmp/fla-dl/*.whl` (needs `einops` and",
         "`triton`), then `PYTHONPATH=/tmp/fla-site:. pytest tests/test_fla.py tests/test_fla_layers.py`.",
+        "",
+        "**LRP** (`captum_implicit/lrp/fla.py`, `tests/test_lrp_fla.py`): the six layers and fla's `RMSNorm`,",
+        "`FusedRMSNormGated`, `GroupNorm` have forms that compute in torch on every device (values: the CPU routes",
+        "above, so on CPU the logits equal the routed model's bit for bit; on CUDA they differ from the Triton",
+        "kernels by float32 rounding, GPU test ≤ 1e-4). Refused: caches (`past_key_values`), `cu_seqlens`, and a",
+        "padding mask except for RWKV-6.",
     ]
     lines += _lrp_lines()
     return "\n".join(lines) + "\n"

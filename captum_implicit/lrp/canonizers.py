@@ -124,8 +124,8 @@ def unregister_lrp_form(form: LRPForm) -> None:
 BUILTIN_FAMILIES: tuple[str, ...] = (
     "mamba", "mamba2", "rwkv", "recurrent_gemma", "qwen3_next", "jamba", "lfm2", "kimi_linear", "mamba2_hybrids",
     "falcon_h1", "zamba2", "xlstm", "minimax", "qwen3_5", "lfm2_moe", "lfm3", "bailing_hybrid", "glm5_next",
-    "lara_mini", "olmo_hybrid", "qwen4_exp", "falcon_mamba", "zamba",
-    "mamba_ssm", "norms",
+    "lara_mini", "olmo_hybrid", "qwen4_exp", "falcon_mamba", "zamba", "mamba_ssm", "fla",
+    "norms",
 )
 
 
