@@ -19,22 +19,27 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 if os.environ.get("CAPTUM_IMPLICIT_FIRST_TRITON_CONFIG") == "1":
     # GPU test runs on a fresh machine: fla's kernels autotune over many configs, each one a Triton compile
-    # (minutes in all). The tests check the maths, not the tuning: keep the first config of fla's kernels.
-    # (mamba-ssm's keep theirs: their first config can exceed the shared memory in float32.)
+    # (minutes in all). The tests check the maths, not the tuning: keep the first config of fla's kernels. fla
+    # builds its autotuners both through triton.autotune and through its own fla_cache_autotune (a subclass of
+    # Triton's Autotuner), so the configs are cut in Autotuner.__init__. (mamba-ssm's keep theirs: their first
+    # config can exceed the shared memory in float32.)
     try:
-        import sys
+        from triton.runtime.autotuner import Autotuner
 
-        import triton
+        _autotuner_init = Autotuner.__init__
 
-        _autotune = triton.autotune
+        def _first_config_of_fla(self, fn, arg_names, configs, *args, **kwargs):
+            inner = fn
+            while hasattr(inner, "fn"):  # JITFunction / Heuristics wrappers
+                inner = inner.fn
+            if getattr(inner, "__module__", "").startswith("fla."):
+                configs = list(configs)[:1]
+            _autotuner_init(self, fn, arg_names, configs, *args, **kwargs)
 
-        def _first_config(configs, *args, **kwargs):
-            caller = sys._getframe(1).f_globals.get("__name__", "")
-            return _autotune(list(configs)[:1] if caller.startswith("fla.") else configs, *args, **kwargs)
-
-        triton.autotune = _first_config
+        Autotuner.__init__ = _first_config_of_fla
     except ImportError:
         pass
+
 
 def _fla_in_full_float32() -> None:
     """GPU runs: make fla's float32 kernels compute in float32, so the exactness tests compare maths, not TF32.

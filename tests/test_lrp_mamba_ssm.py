@@ -15,6 +15,8 @@ from __future__ import annotations
 import collections
 import os
 
+import importlib.util
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -304,6 +306,8 @@ def _real(layer: str, fused: bool, residual_in_fp32: bool, mlp: bool = False, se
     ssm_cfg = {"layer": layer, "d_state": 16}
     if layer == "Mamba2":
         ssm_cfg.update(headdim=32, ngroups=2, chunk_size=64)
+        # Mamba2's memory-efficient path needs causal-conv1d's CUDA op; without it the module's other path runs
+        ssm_cfg["use_mem_eff_path"] = importlib.util.find_spec("causal_conv1d") is not None
     ssm_cfg.update(ssm)
     cfg = MambaConfig(d_model=64, n_layer=2, vocab_size=64, d_intermediate=48 if mlp else 0, ssm_cfg=ssm_cfg,
                       rms_norm=True, residual_in_fp32=residual_in_fp32, fused_add_norm=fused,
