@@ -31,11 +31,11 @@ EXAMPLES = min(settings().max_examples, 6)
 
 def tiny_kimi(seed=0, hidden=8, heads=2, head_dim=4, lin_heads=2, kernel=3, kv_rank=4, q_rank=None,
               layers=("linear_attention", "full_attention"), mlp=("dense", "sparse"), experts=4, groups=1,
-              use_bias=False, zero_biases=True, dtype=torch.float64, **_):
+              use_bias=False, zero_biases=True, dtype=torch.float64, rope=2, nope=2, moe_inner=6, **_):
     torch.manual_seed(seed)
-    cfg = KimiLinearConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=6,
+    cfg = KimiLinearConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=moe_inner,
                            num_hidden_layers=len(layers), num_attention_heads=heads, num_key_value_heads=heads,
-                           kv_lora_rank=kv_rank, q_lora_rank=q_rank, qk_rope_head_dim=2, qk_nope_head_dim=2,
+                           kv_lora_rank=kv_rank, q_lora_rank=q_rank, qk_rope_head_dim=rope, qk_nope_head_dim=nope,
                            v_head_dim=head_dim, num_local_experts=experts, num_experts_per_tok=2, n_group=groups,
                            topk_group=1, linear_head_dim=head_dim, linear_num_heads=lin_heads,
                            linear_conv_kernel_dim=kernel, layer_types=list(layers), mlp_layer_types=list(mlp),
@@ -183,7 +183,10 @@ def test_gpu_canonized_model():
     """On CUDA transformers may call fla's chunk_kda and causal-conv1d; the LRP form runs HF's torch paths for the
     relevance (HF's kernel for KDA's value), so logits agree to float32 rounding and relevance conserves to float32
     rounding."""
-    # fla's chunk_kda needs head dims it can tile (16): the tiny default of 4 is a misaligned address there
-    model = tiny_kimi(seed=8, head_dim=16, dtype=torch.float32).cuda()
+    # CUDA kernels need sizes they can tile: with the CPU tests' tiny sizes (hidden 8, head dims 2-4, conv kernel
+    # 3) a kernel on the GPU machine hit a misaligned address (twice; at head dim 16 with hidden 8 too). These are
+    # the sizes of tests/test_kda.py's GPU test, which passes there.
+    model = tiny_kimi(seed=8, hidden=64, heads=4, head_dim=16, lin_heads=4, kernel=4, kv_rank=16, rope=8, nope=8,
+                      moe_inner=64, dtype=torch.float32).cuda()
     ids = torch.randint(1, VOCAB, (2, 32), device="cuda")
     check_gpu_canonized_logits(model, ids, torch.tensor([1, 2], device="cuda"))

@@ -204,5 +204,13 @@ def held_delta_rule(
             return out
         return recurrent(query, key, value, g, beta, compute_dtype)
 
-    core = exact_region(region, value.dtype, torch.float32, rules)
+    if value.is_cuda and value.dtype == torch.float32:
+        # On CUDA the kernel is fla's Triton delta rule: take its value only, never its backward (fla 0.6 refuses
+        # the gated chunk backward under Triton 3.4-3.7 on Hopper, and the held-constant rules need no more than
+        # the value path, which the float32 recurrence gives).
+        with torch.no_grad():
+            value_out = region(torch.float32)
+        core = proportional(recurrent(query, key, value, g, beta, torch.float32), value_out)
+    else:
+        core = exact_region(region, value.dtype, torch.float32, rules)
     return core, (final[0] if final else None)
