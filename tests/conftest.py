@@ -75,6 +75,24 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
+def assert_views_match_dense(
+    attn, rows, reduces=("mean", "abs_sum", "max_abs"), tile: int = 4, max_block_elements: int = 256
+) -> None:
+    """``aggregate``, ``row`` (plain and reduced) and ``apply`` of a ``LayerAttention`` equal the same reductions
+    of its ``dense()`` matrix to 1e-12, with blockwise settings small enough for many tiles and channel blocks."""
+    from captum_implicit.config import blockwise
+
+    dense = attn.dense()
+    refs = {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}
+    with blockwise(tile=tile, max_block_elements=max_block_elements):
+        for reduce in reduces:
+            assert rel_err(attn.aggregate(reduce), refs[reduce]) < 1e-12, reduce
+            for i in rows:
+                assert rel_err(attn.row(i), dense[:, :, i]) < 1e-12, i
+                assert rel_err(attn.row(i, reduce=reduce), refs[reduce][:, i]) < 1e-12, (i, reduce)
+        assert rel_err(attn.apply(), dense @ attn.values) < 1e-12
+
+
 class OutputRecorder:
     """Record the real input of each named submodule (e.g. every mixer's ``out_proj``), independently of
     captum-implicit's own hooks. Use as a context manager; ``.inputs[name]`` holds the tensors."""

@@ -16,10 +16,9 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from captum_implicit.config import blockwise
 from captum_implicit.layers.gated_deltanet import delta_rule_matrix, l2_normalise
 from captum_implicit.layers.gla import GLAAttention, build_gla_attention, gla_matrix, retention_log_decay
-from conftest import rel_err, requires_cuda
+from conftest import assert_views_match_dense, rel_err, requires_cuda
 
 fla = pytest.importorskip("fla")
 # fla's kernels leave tl.dot's float32 precision to Triton's default, TF32 on Hopper (10-bit mantissa, ~1e-3);
@@ -158,14 +157,7 @@ def test_aggregate_and_row_equal_reductions_of_dense(seed, length, rwkv):
     attn = build_gla_attention("x", query=f["q"], key=f["k"], value=f["v"], log_decay=f["g"],
                                bonus=f["u"] if rwkv else None, row_scale=torch.rand(2, H * DV, length).double())
     assert isinstance(attn, GLAAttention)
-    dense = attn.dense()
-    with blockwise(tile=4, max_block_elements=128):
-        for reduce, ref in {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}.items():
-            assert rel_err(attn.aggregate(reduce), ref) < 1e-12
-            i = length // 2
-            assert rel_err(attn.row(i, reduce=reduce), ref[:, i]) < 1e-12
-        assert rel_err(attn.row(length - 1), dense[:, :, -1]) < 1e-12
-        assert rel_err(attn.apply(), dense @ attn.values) < 1e-12
+    assert_views_match_dense(attn, rows=(length // 2, length - 1), max_block_elements=128)
 
 
 # ----------------------------------------------------------------------------- GPU: fla's Triton kernels

@@ -27,10 +27,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from captum_implicit import implicit_attention
-from captum_implicit.config import blockwise
 from captum_implicit.core.capture import Capture
 from captum_implicit.core.errors import CaptureError
-from conftest import rel_err, requires_cuda
+from conftest import assert_views_match_dense, rel_err, requires_cuda
 
 fla = pytest.importorskip("fla")
 # fla's kernels compute float32 dots in TF32 on Hopper (10-bit mantissa, ~1e-3); GPU runs switch them to IEEE
@@ -187,13 +186,7 @@ def test_float64_algebra_is_exact(kind, length, monkeypatch):
 def test_aggregate_and_row_equal_reductions_of_dense(kind):
     model = make(kind, torch.float64, 2)
     (attn,) = implicit_attention(model, _x(3, 11, torch.float64))
-    dense = attn.dense()
-    with blockwise(tile=4, max_block_elements=128):
-        refs = {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}
-        for reduce, ref in refs.items():
-            assert rel_err(attn.aggregate(reduce), ref) < 1e-12
-            assert rel_err(attn.row(5, reduce=reduce), ref[:, 5]) < 1e-12
-        assert rel_err(attn.apply(), dense @ attn.values) < 1e-12
+    assert_views_match_dense(attn, rows=(5,), max_block_elements=128)
 
 
 def test_rwkv6_with_padding_mask():

@@ -7,10 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from captum_implicit.config import blockwise
 from captum_implicit.core.capture import implicit_attention
 from captum_implicit.layers.gated_deltanet import DeltaRuleAttention, decayed_products
-from conftest import OutputRecorder, rel_err, requires_cuda
+from conftest import OutputRecorder, assert_views_match_dense, rel_err, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -142,14 +141,7 @@ def test_long_strong_decay_stays_finite():
 def test_aggregate_and_row_equal_reductions_of_dense(seed, length, reduce):
     model, _ = _model("qwen3_next", torch.float64, seed, gqa=True)
     (attn,) = [a for a in implicit_attention(model, **_inputs(seed, 2, length, 2)) if a.family == "gated_deltanet"]
-    dense = attn.dense()
-    ref = {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}[reduce]
-    with blockwise(tile=4, max_block_elements=512):  # many tiles and channel blocks
-        assert rel_err(attn.aggregate(reduce), ref) < 1e-12
-        i = length // 2
-        assert rel_err(attn.row(i), dense[:, :, i]) < 1e-12
-        assert rel_err(attn.row(i, reduce=reduce), ref[:, i]) < 1e-12
-        assert rel_err(attn.apply(), (dense @ attn.values)) < 1e-12
+    assert_views_match_dense(attn, rows=(length // 2,), reduces=(reduce,), max_block_elements=512)
 
 
 @pytest.mark.gpu

@@ -16,9 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captum_implicit.config import blockwise
 from captum_implicit.core.capture import implicit_attention
-from conftest import OutputRecorder, rel_err
+from conftest import OutputRecorder, assert_views_match_dense, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -175,15 +174,7 @@ def test_output_equals_real_layer_output(kind, dtype, seed, length, pad):
 def test_aggregate_and_row_equal_reductions_of_dense(kind):
     layers, _ = _run(kind, torch.float64, 0, 19, 2)  # left padding: pad rows of softmax layers included
     for attn in [a for a in layers if a.family in KINDS[kind][2]]:
-        dense = attn.dense()
-        for reduce in ("mean", "abs_sum", "max_abs"):
-            ref = {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}[reduce]
-            with blockwise(tile=4, max_block_elements=512):  # many tiles and channel blocks
-                assert rel_err(attn.aggregate(reduce), ref) < 1e-12
-                for i in (0, 11):
-                    assert rel_err(attn.row(i), dense[:, :, i]) < 1e-12
-                    assert rel_err(attn.row(i, reduce=reduce), ref[:, i]) < 1e-12
-        assert rel_err(attn.apply(), dense @ attn.values) < 1e-12
+        assert_views_match_dense(attn, rows=(0, 11), max_block_elements=512)
 
 
 def test_gates_are_not_trivial():

@@ -7,10 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from captum_implicit.config import blockwise
 from captum_implicit.core.capture import implicit_attention
 from captum_implicit.layers.lightning import LightningAttention
-from conftest import OutputRecorder, rel_err
+from conftest import OutputRecorder, assert_views_match_dense, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,11 +88,4 @@ def test_matrix_equals_float64_recurrence_probe(seed, length):
 @given(seed=st.integers(0, 2**16), length=st.integers(2, 30), reduce=st.sampled_from(["mean", "abs_sum", "max_abs"]))
 def test_aggregate_and_row_equal_reductions_of_dense(seed, length, reduce):
     (attn,), _ = _run(_model(torch.float64, seed), seed, length, 1)
-    dense = attn.dense()
-    ref = {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}[reduce]
-    with blockwise(tile=4, max_block_elements=256):
-        assert rel_err(attn.aggregate(reduce), ref) < 1e-12
-        i = length // 2
-        assert rel_err(attn.row(i), dense[:, :, i]) < 1e-12
-        assert rel_err(attn.row(i, reduce=reduce), ref[:, i]) < 1e-12
-        assert rel_err(attn.apply(), dense @ attn.values) < 1e-12
+    assert_views_match_dense(attn, rows=(length // 2,), reduces=(reduce,))

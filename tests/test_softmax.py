@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from captum_implicit.config import blockwise
 from captum_implicit.core.capture import implicit_attention
 from captum_implicit.layers.softmax import SoftmaxAttention
-from conftest import OutputRecorder, rel_err
+from conftest import OutputRecorder, assert_views_match_dense, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -139,14 +139,7 @@ def test_rows_are_probabilities(seed, length):
 def test_aggregate_and_row_equal_reductions_of_dense(seed, length, reduce):
     layers, _ = _run(_qwen3_next(torch.float64, seed), seed, length, 0)
     attn = layers[1]
-    dense = attn.dense()
-    ref = {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}[reduce]
-    with blockwise(tile=4, max_block_elements=256):
-        assert rel_err(attn.aggregate(reduce), ref) < 1e-12
-        i = length // 2
-        assert rel_err(attn.row(i), dense[:, :, i]) < 1e-12
-        assert rel_err(attn.row(i, reduce=reduce), ref[:, i]) < 1e-12
-        assert rel_err(attn.apply(), dense @ attn.values) < 1e-12
+    assert_views_match_dense(attn, rows=(length // 2,), reduces=(reduce,))
 
 
 def test_capture_leaves_the_model_unchanged():

@@ -15,9 +15,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from captum_implicit.config import blockwise
 from captum_implicit.core.capture import implicit_attention
-from conftest import OutputRecorder, rel_err
+from conftest import OutputRecorder, assert_views_match_dense, rel_err
 
 pytest.importorskip("transformers")
 from test_lrp_relatives import VOCAB, tiny_glm5_next, tiny_qwen4_exp  # noqa: E402
@@ -118,15 +117,7 @@ def test_selection_narrower_than_causal():
 def test_aggregate_and_row_equal_reductions_of_dense(kind):
     sparse, _, _, _ = _run(kind, torch.float64, 0, 19, 2, (3, (1, 2), (2,)), 2, 2)  # pad rows included
     for attn in sparse:
-        dense = attn.dense()
-        for reduce in ("mean", "abs_sum", "max_abs"):
-            ref = {"mean": dense.mean(1), "abs_sum": dense.abs().sum(1), "max_abs": dense.abs().amax(1)}[reduce]
-            with blockwise(tile=4, max_block_elements=512):  # many tiles and channel blocks
-                assert rel_err(attn.aggregate(reduce), ref) < 1e-12
-                for i in (0, 11):
-                    assert rel_err(attn.row(i), dense[:, :, i]) < 1e-12
-                    assert rel_err(attn.row(i, reduce=reduce), ref[:, i]) < 1e-12
-        assert rel_err(attn.apply(), dense @ attn.values) < 1e-12
+        assert_views_match_dense(attn, rows=(0, 11), max_block_elements=512)
 
 
 def test_qwen4_gate_is_in_the_matrix():
