@@ -67,6 +67,14 @@ def _fla_in_full_float32() -> None:
 
 if torch.cuda.is_available():
     _fla_in_full_float32()
+    # cuDNN convolutions (HF's depthwise conv1d layers) default to TF32 for float32 inputs: off, as for the dots
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+#: GPU bounds for the exactness of a layer against its fast kernels: float32 (kernels in IEEE float32, above);
+#: bf16 models, whose kernels round their outputs (and norms, gates) to bf16 (2^-8 ≈ 3.9e-3 each) while the
+#: closed form runs in float32 from the same bf16 inputs
+GPU_BOUND = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

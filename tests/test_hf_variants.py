@@ -8,6 +8,7 @@ Each layer's ``output()`` must equal the real tensor entering its output project
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from functools import lru_cache
 
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from captum_implicit.core.capture import implicit_attention
-from conftest import OutputRecorder, assert_views_match_dense, rel_err
+from conftest import GPU_BOUND, OutputRecorder, assert_views_match_dense, rel_err, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -184,3 +185,29 @@ def test_gates_are_not_trivial():
         for attn in layers:
             if attn.family != "short_conv":
                 assert attn.row_scale is not None and attn.row_scale.std() > 1e-3, (kind, attn.name)
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_layer_on_cuda(kind, dtype):
+    """On CUDA transformers binds the kernels it finds (fla's delta rules, mamba-ssm's SSD where causal-conv1d is
+    there too, SDPA turned eager by the capture): every captured layer, the hybrids' Mamba2 mixers included, must
+    reproduce the real tensor entering its output projection (bounds: conftest.GPU_BOUND)."""
+    try:
+        model = copy.deepcopy(_model(kind, torch.float32, 0)).to("cuda", dtype)
+    except AttributeError as error:  # the GPU machine's transformers may predate the family
+        if "module transformers has no attribute" not in str(error):
+            raise
+        pytest.skip(f"{kind}: not in transformers {transformers.__version__}")
+    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(ids)
+    mask[-1, :5] = 0
+    with OutputRecorder(model, "o_proj") as a, OutputRecorder(model, "out_proj") as b:
+        layers = implicit_attention(model, input_ids=ids, attention_mask=mask, use_cache=False)
+    real = {**a.inputs, **b.inputs}
+    assert [x.family for x in layers] == KINDS[kind][1]
+    for attn in layers:
+        assert rel_err(attn.output(), real[attn.name].float()) < GPU_BOUND[dtype], (attn.name, attn.family)
