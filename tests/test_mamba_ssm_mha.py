@@ -290,10 +290,12 @@ LMHead = _named("mamba_ssm.models.mixer_seq_simple", "MambaLMHeadModel", forward
 # ============================================================================= end of copied reference code
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def scan_module(monkeypatch):
     """``mamba_ssm.modules.mamba_simple`` stand-in holding ``selective_scan_fn`` (and no causal-conv1d) while a test
-    runs, so that a capture records the scan as it records mamba-ssm's kernel."""
+    runs, so that a capture records the scan as it records mamba-ssm's kernel (the Mamba stand-in's plain forward
+    needs it; under the composite only its form runs). Restored afterwards: with mamba-ssm installed (GPU machine)
+    the real module is back in ``sys.modules``, never re-imported."""
     module = types.ModuleType(SIMPLE)
     module.selective_scan_fn, module.causal_conv1d_fn = selective_scan_ref, None
     monkeypatch.setitem(sys.modules, SIMPLE, module)
@@ -461,6 +463,7 @@ def test_capture_refuses_cached_continuation():
 ATTN = dict(heads=2, heads_kv=1, mlp_dim=20, d_conv=3, causal=True)
 
 
+@pytest.mark.usefixtures("scan_module")
 def test_hybrid_capture_in_forward_order_and_rollout():
     model = hybrid(ATTN)
     ids = _ids(2, 10, 0)
@@ -513,6 +516,7 @@ def test_form_values_equal_module(cfg, dtype):
     assert torch.equal(out, ref)
 
 
+@pytest.mark.usefixtures("scan_module")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_hybrid_logits_under_composite(dtype):
     """The whole hybrid under the composite: the MHA layer's output bit for bit (above); the Mamba form rounds u and B
@@ -656,10 +660,9 @@ def _gpu_ids(batch: int, length: int, seed: int) -> torch.Tensor:
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("attn_cfg", GPU_ATTN)
-def test_gpu_capture_exact(attn_cfg, ieee_float32, monkeypatch):
+def test_gpu_capture_exact(attn_cfg, ieee_float32):
     """Every layer of the real model, MHA included (SDPA's CUDA kernels, causal-conv1d over qkv when installed),
     in forward order: ``output()`` = the real out_proj input ≤ 1e-4 (float32)."""
-    monkeypatch.delitem(sys.modules, SIMPLE, raising=False)  # the real mamba_simple, not the CPU stand-in
     model = _real(attn_cfg)
     ids = _gpu_ids(2, 100, 1)
     with OutputRecorder(model) as rec:
@@ -673,11 +676,10 @@ def test_gpu_capture_exact(attn_cfg, ieee_float32, monkeypatch):
 @requires_cuda
 @pytest.mark.parametrize("attn_cfg", GPU_ATTN)
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
-def test_gpu_lrp_logits_and_conservation(attn_cfg, layer, ieee_float32, monkeypatch):
+def test_gpu_lrp_logits_and_conservation(attn_cfg, layer, ieee_float32):
     """Under the composite the logits are the real model's ≤ 1e-4 (TF32 off); float64 (pure-torch forms, biases
     zero) conserves ≤ 1e-8; the model is left as it was."""
-    monkeypatch.delitem(sys.modules, SIMPLE, raising=False)
-    monkeypatch.setenv("TRITON_F32_DEFAULT", "ieee")  # Mamba2's SSD dots (read at kernel compile time)
+    # Mamba2's SSD dots in IEEE float32: TRITON_F32_DEFAULT=ieee, set by test_lrp_mamba_ssm (imported above)
     model = _real(attn_cfg, layer)
     ids, target = _gpu_ids(2, 70, 2), torch.tensor([3, 7], device="cuda")
     before = model_state(model)
