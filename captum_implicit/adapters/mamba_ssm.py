@@ -8,9 +8,12 @@ same CUDA / Triton kernels step by step.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
-from torch import nn
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..core.attention import compute_dtype
 from ..core.capture import Recording
@@ -18,10 +21,14 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.mamba import MambaAttention, build_mamba_attention
 from ..layers.mamba2 import Mamba2Attention, build_mamba2_attention, gated_norm_scale
+from ..layers.mha import LocalChannelsSoftmaxAttention
+from ..layers.softmax import SoftmaxAttention, build_softmax_attention
 from ._common import argument, positional
 
 _SIMPLE = "mamba_ssm.modules.mamba_simple"
 _MAMBA2 = "mamba_ssm.modules.mamba2"
+_MHA = "mamba_ssm.modules.mha"
+_SDPA = "torch.nn.functional.scaled_dot_product_attention"
 
 
 def _switched_off(flag: str) -> Callable[[nn.Module], Callable[[], None]]:
@@ -148,6 +155,91 @@ register_adapter(
         padding="no mask in mamba-ssm",
         gpu="Triton chunk scan + causal-conv1d, fp32/bf16, L ≤ 4096 (mem-eff path switched off during capture)",
         notes="fused mem-eff path switched off during capture (same Triton kernels, unfused)",
+    ),
+    first=False,
+)
+
+
+# ----------------------------------------------------------------------------- MHA (attention layers of hybrids)
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _sdpa_arguments(rec: Recording, name: str) -> dict:
+    """The arguments of the layer's one ``F.scaled_dot_product_attention`` call, by parameter name (the builtin
+    has no signature, so the recorder keeps ``args`` and keywords)."""
+    calls = rec.calls_of("scaled_dot_product_attention")
+    if len(calls) != 1:
+        raise CaptureError(
+            f"layer {name!r}: expected one F.scaled_dot_product_attention call, recorded {len(calls)} (a call "
+            "continuing from a kv cache runs flash_attn_with_kvcache: explain the full sequence with "
+            "inference_params=None)"
+        )
+    arguments = dict(calls[0].arguments)
+    values = dict(zip(_SDPA_PARAMS, arguments.pop("args", ())))
+    values.update(arguments)
+    return values
+
+
+def sdpa_probabilities(query: Tensor, key: Tensor, is_causal: bool, scale: float | None) -> Tensor:
+    """The probabilities ``F.scaled_dot_product_attention`` applies to V (no mask, no dropout), recomputed.
+
+    ``softmax(q kᵀ · scale)`` with ``scale = 1/√d`` by default and, with ``is_causal``, keys after the query
+    masked (SDPA's top-left aligned causal mask). Computed in float64 for float64 inputs, else float32 (the
+    kernels' softmax arithmetic). ``query`` (b, H, Lq, d), ``key`` (b, H, Lk, d) -> (b, H, Lq, Lk).
+    """
+    dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = (query.detach().to(dtype) @ key.detach().to(dtype).transpose(-1, -2)) * scale
+    if is_causal:
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
+        scores = scores.masked_fill(future, float("-inf"))
+    return scores.softmax(-1)
+
+
+def build_mamba_ssm_mha(module: nn.Module, rec: Recording, name: str) -> SoftmaxAttention:
+    """``mha.MHA``: the probabilities SDPA applied to V (recomputed from the q / k it got: after the qkv conv,
+    rotary, GQA repeat), values V per query head; with ``mlp_dim > 0`` the gated-MLP half of the out_proj input
+    as token-local channels (:class:`~captum_implicit.layers.mha.LocalChannelsSoftmaxAttention`)."""
+    args = _sdpa_arguments(rec, name)
+    if args.get("attn_mask") is not None or float(args.get("dropout_p") or 0.0) != 0.0 or args.get("enable_gqa"):
+        raise CaptureError(f"layer {name!r}: SDPA with a mask, dropout or enable_gqa is not mamba-ssm's MHA call")
+    query, key, value = args["query"], args["key"], args["value"]
+    if query.shape[-2] != key.shape[-2]:
+        raise CaptureError(
+            f"layer {name!r}: queries ({query.shape[-2]}) and keys ({key.shape[-2]}) differ in length — the layer "
+            "attended to a kv cache; explain the full sequence with inference_params=None"
+        )
+    probs = sdpa_probabilities(query, key, bool(args.get("is_causal", False)), args.get("scale"))
+    attention = build_softmax_attention(name, probs=probs, value=value.detach(), module_type=type(module).__name__)
+    if module.mlp_dim == 0:
+        return attention
+    recorded = rec.submodule_inputs.get("in_proj")
+    if not recorded:
+        raise CaptureError(f"layer {name!r}: expected a call of 'in_proj' during the attention forward")
+    x = recorded[0][0].detach()
+    x_mlp = F.linear(x, module.in_proj.weight, module.in_proj.bias)[..., -module.mlp_dim:]
+    up, gate = x_mlp.chunk(2, dim=-1)
+    x_mlp = up * F.silu(gate)  # the module's ops, in its dtype: bit for bit its out_proj input's last channels
+    local = x_mlp.to(attention.dtype).detach().transpose(1, 2)[..., None]  # (b, M, L, 1)
+    values = torch.cat([attention.values, local], dim=1)
+    return LocalChannelsSoftmaxAttention(name, values, probs, attention.num_channels, type(module).__name__)
+
+
+register_adapter(
+    Adapter(
+        family="softmax",
+        classes=(f"{_MHA}.MHA",),
+        build=build_mamba_ssm_mha,
+        functions=(_SDPA,),
+        submodule_inputs=("in_proj",),
+        output_module="out_proj",
+        cpu="yes (stand-in running mha.py's forward; mamba-ssm cannot be imported on CPU)",
+        padding="no mask in mamba-ssm",
+        gpu="F.scaled_dot_product_attention (flash / mem-efficient), fp32; GQA, d_conv, mlp_dim (rotary needs "
+        "flash_attn: untested)",
+        notes="probabilities recomputed from the q / k SDPA got (after conv, rotary, GQA repeat); values = V per "
+        "head; mlp_dim: the gated-MLP half as token-local channels (A = I, values up ⊙ SiLU(gate)); "
+        "non-causal rows' future part in offset; kv-cache continuations refused",
     ),
     first=False,
 )

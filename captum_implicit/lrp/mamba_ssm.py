@@ -11,6 +11,9 @@ whose autograd backward would bypass the detach rules — reusing the maths of t
   RMSNorm with its group size and either order (``norm_before_gate``): half rule on the product,
   group scale held; without ``rmsnorm`` the half rule on ``y ⊙ SiLU(z)``; the gated-MLP part
   (``d_ssm < d_inner``) with the half rule;
+* ``MHA`` (the attention layers of ``attn_layer_idx``): q and k held after the qkv conv (linear, depthwise)
+  and rotary, so ``F.scaled_dot_product_attention`` (the module's own call) is linear in V; GQA's repeat
+  sums back; the gated-MLP half ``up ⊙ SiLU(gate)`` with the identity and half rules;
 * ``Block`` / ``MixerModel``: the residual adds, fused (``layer_norm_fn``) or not, and the
   ``residual_in_fp32`` cast, with the norm scale held (LN rule).
 
@@ -41,6 +44,7 @@ _SIMPLE = "mamba_ssm.modules.mamba_simple"
 _MAMBA2 = "mamba_ssm.modules.mamba2"
 _BLOCK = "mamba_ssm.modules.block"
 _MLP = "mamba_ssm.modules.mlp"
+_MHA = "mamba_ssm.modules.mha"
 _MODEL = "mamba_ssm.models.mixer_seq_simple"
 _NORM = "mamba_ssm.ops.triton.layer_norm"
 _GATED = "mamba_ssm.ops.triton.layernorm_gated"
@@ -257,6 +261,90 @@ def gated_mlp_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor) -> Tens
     return module.fc2(_half(y * act(module.activation, gate, rules), rules))
 
 
+def _rotary_cos_sin(rotary: nn.Module, length: int, like: Tensor) -> tuple[Tensor, Tensor]:
+    """flash_attn ``RotaryEmbedding._update_cos_sin_cache(length, dtype=like.dtype)``'s tables, computed without
+    touching the module's cache: ``cos/sin(outer(t, inv_freq))`` in float32, stored in ``like``'s dtype. (L, r/2)."""
+    if getattr(rotary, "scale", None) is not None:
+        raise LRPError("MHA rotary with XPos scaling (scale_base) is not supported")
+    inv_freq = rotary.inv_freq
+    if inv_freq.dtype != torch.float32:  # the module recomputes it in float32 then
+        inv_freq = 1.0 / (rotary.base ** (torch.arange(0, rotary.dim, 2, device=like.device,
+                                                        dtype=torch.float32) / rotary.dim))
+    freqs = torch.outer(torch.arange(length, device=like.device, dtype=torch.float32), inv_freq.to(like.device))
+    return torch.cos(freqs).to(like.dtype), torch.sin(freqs).to(like.dtype)
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """flash_attn's rotary on the first ``2·cos.shape[-1]`` dims of ``x`` (b, L, h, d), offset 0, out of place
+    (its Triton kernel works in place; the maths of its torch reference ``apply_rotary_emb_torch``)."""
+    rot = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    pattern = (lambda t: t.repeat_interleave(2, dim=-1)) if interleaved else (lambda t: torch.cat([t, t], dim=-1))
+    cos, sin = pattern(cos)[:, None], pattern(sin)[:, None]  # (L, 1, rot)
+    if interleaved:
+        x1, x2 = x_rot[..., ::2], x_rot[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+
+
+def mha_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor, inference_params: Any = None) -> Tensor:
+    """LRP form of ``mha.MHA.forward(x, inference_params=None)``: (b, L, d_model) -> same.
+
+    The module's maths on its SDPA path (flash_attn is only called for cached continuations, refused here):
+    ``in_proj`` -> [qkv, mlp]; depthwise causal conv over qkv (``d_conv``, no activation; linear); q, kv heads;
+    rotary (flash_attn's ``RotaryEmbedding`` maths in torch); q and k held (``detach_softmax``), so the
+    module's own ``F.scaled_dot_product_attention`` call is linear in V (GQA's ``repeat_interleave`` sums the
+    relevance back onto each kv head); the gated-MLP half ``up ⊙ SiLU(gate)`` with the identity rule on SiLU and
+    the half rule; ``out_proj([context, x_mlp])``. A first call with ``inference_params`` fills the kv cache and
+    conv state as the module does; a continuation is refused.
+    """
+    batch, length, _ = x.shape
+    if inference_params is not None:
+        lengths = getattr(inference_params, "lengths_per_sample", None)
+        if inference_params.seqlen_offset > 0 or (lengths is not None and bool(lengths.any())):
+            raise LRPError(
+                f"MHA layer {module.layer_idx}: this call continues from a cached state; run the full sequence in "
+                "one forward (inference_params=None)."
+            )
+        if module.layer_idx not in inference_params.key_value_memory_dict:
+            inference_params.key_value_memory_dict[module.layer_idx] = module.allocate_inference_cache(
+                batch, inference_params.max_seqlen, dtype=x.dtype
+            )
+    qkv = module.in_proj(x)
+    x_mlp = None
+    if module.mlp_dim > 0:
+        qkv, x_mlp = qkv.split([qkv.shape[-1] - module.mlp_dim, module.mlp_dim], dim=-1)
+        up, gate = x_mlp.chunk(2, dim=-1)
+        x_mlp = _half(up * act(F.silu, gate, rules), rules)
+    if module.d_conv > 0:  # depthwise causal conv, no activation: linear (its bias absorbs relevance)
+        qkv = module.conv1d(qkv.transpose(1, 2))[..., :length].transpose(1, 2)
+        if inference_params is not None:  # the module stores the conv's *output* (as mha.py does)
+            _, conv_state = inference_params.key_value_memory_dict[module.layer_idx]
+            conv_state.copy_(F.pad(qkv.detach().transpose(1, 2), (module.d_conv - length, 0)))
+    heads, heads_kv, head_dim = module.num_heads, module.num_heads_kv, module.head_dim
+    q, kv = qkv.split([heads * head_dim, heads_kv * 2 * head_dim], dim=-1)
+    q = q.reshape(batch, length, heads, head_dim)
+    k, v = kv.reshape(batch, length, 2, heads_kv, head_dim).unbind(dim=2)
+    if module.rotary_emb_dim > 0:
+        cos, sin = _rotary_cos_sin(module.rotary_emb, length, q)
+        interleaved = bool(module.rotary_emb.interleaved)
+        q, k = _rotate(q, cos, sin, interleaved), _rotate(k, cos, sin, interleaved)
+    q, k = hold(q, rules.detach_softmax), hold(k, rules.detach_softmax)
+    if inference_params is not None:  # the kv cache gets what the module writes: k after rotary, v
+        module._update_kv_cache(torch.stack([k, v], dim=2).detach(), inference_params)
+    k = torch.repeat_interleave(k, dim=2, repeats=heads // heads_kv)
+    v = torch.repeat_interleave(v, dim=2, repeats=heads // heads_kv)
+    context = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=module.causal, scale=module.softmax_scale
+    ).transpose(1, 2).reshape(batch, length, heads * head_dim)
+    if x_mlp is not None:
+        context = torch.cat([context, x_mlp], dim=-1)
+    return module.out_proj(context)
+
+
 # ----------------------------------------------------------------------------- norms, blocks, backbone
 def _is_rms(norm: nn.Module) -> bool:
     """``isinstance(norm, layer_norm.RMSNorm)``; ``fused_add_norm`` allows only it and ``nn.LayerNorm``."""
@@ -339,5 +427,8 @@ for _family, _cls, _fwd, _note in [
      "add -> norm (fused or not) -> mixer [-> MLP]; residual_in_fp32 cast made exact"),
     ("mamba-ssm", f"{_MODEL}.MixerModel", mixer_model_lrp, "the final (fused) add + norm_f in pure torch"),
     ("mamba-ssm", f"{_MLP}.GatedMLP", gated_mlp_lrp, "identity rule on the activation, half rule on the product"),
+    ("softmax", f"{_MHA}.MHA", mha_lrp,
+     "q, k held after the qkv conv and rotary (the module's SDPA call, linear in V; GQA summed back); gated-MLP "
+     "half: identity rule on SiLU, half rule; kv-cache continuations refused"),
 ]:
     register_lrp_form(LRPForm(family=_family, classes=(_cls,), forward=_fwd, notes=_note), first=False)
