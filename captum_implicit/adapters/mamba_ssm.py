@@ -235,8 +235,8 @@ register_adapter(
         output_module="out_proj",
         cpu="yes (stand-in running mha.py's forward; mamba-ssm cannot be imported on CPU)",
         padding="no mask in mamba-ssm",
-        gpu="F.scaled_dot_product_attention (flash / mem-efficient), fp32; GQA, d_conv, mlp_dim (rotary needs "
-        "flash_attn: untested)",
+        gpu="F.scaled_dot_product_attention (flash / mem-efficient), fp32; GQA, d_conv, mlp_dim: GPU test "
+        "written, not yet run (rotary needs flash_attn: untested)",
         notes="probabilities recomputed from the q / k SDPA got (after conv, rotary, GQA repeat); values = V per "
         "head; mlp_dim: the gated-MLP half as token-local channels (A = I, values up ⊙ SiLU(gate)); "
         "non-causal rows' future part in offset; kv-cache continuations refused",
