@@ -55,10 +55,15 @@ def test_recipes_and_examples_exist():
             assert python_blocks(path), f"{path.name} has no ```python block"
 
 
-@pytest.mark.parametrize(
-    "path", [p for p in RECIPES if p.stem != "README"] + [ROOT / "README.md"],
-    ids=lambda p: "README" if p.parent == ROOT else p.stem,
-)
+def _recipe_param(path: Path):
+    """Files with ```python gpu blocks carry the gpu mark, so GPU runs (`pytest -m gpu`) include them."""
+    gpu = any("gpu" in tags.split() for tags, _ in python_blocks(path))
+    return pytest.param(path, marks=[pytest.mark.gpu] if gpu else [],
+                        id="README" if path.parent == ROOT else path.stem)
+
+
+@pytest.mark.parametrize("path", [_recipe_param(p) for p in RECIPES if p.stem != "README"]
+                         + [_recipe_param(ROOT / "README.md")])
 def test_recipe_runs(path, tmp_path, monkeypatch):
     blocks = python_blocks(path)
     gpu = _gpu_available()
