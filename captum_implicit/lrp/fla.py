@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..adapters import fla as routes
+from ..ops import fla_torch
 from ..layers.gated_deltanet import DeltaRuleAttention, build_delta_rule_attention
 from ..layers.gla import build_gla_attention, retention_log_decay
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
@@ -98,15 +99,15 @@ def _joined(relevance: Tensor, value: Callable[[], Tensor]) -> Tensor:
 def rms_norm_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor, residual: Tensor | None = None,
                  prenorm: bool = False, residual_in_fp32: bool = False) -> Any:
     """LRP form of fla's ``RMSNorm.forward``: ``x · rsqrt(mean x² + ε) · w + b``, scale held (fused add too)."""
-    total, res_out = routes._with_residual(x, residual, residual_in_fp32)
-    rel = total * hold(routes._rms_factor(total, module.weight, module.eps), rules.detach_norm)
+    total, res_out = fla_torch.with_residual(x, residual, residual_in_fp32)
+    rel = total * hold(fla_torch.rms_factor(total, module.weight, module.eps), rules.detach_norm)
     if module.bias is not None:
         rel = rel + module.bias
     rel = rel.to(x.dtype)
 
     def value() -> Tensor:
         if _on_cpu(x):
-            return routes._torch_rms_norm(x, module.weight, module.bias, residual, module.eps)
+            return fla_torch.torch_rms_norm(x, module.weight, module.bias, residual, module.eps)
         return type(module).forward(module, x, residual)
 
     return (_joined(rel, value), res_out) if prenorm else _joined(rel, value)
@@ -116,18 +117,18 @@ def rms_norm_gated_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor, g:
                        residual: Tensor | None = None, prenorm: bool = False, residual_in_fp32: bool = False) -> Any:
     """LRP form of fla's ``FusedRMSNormGated.forward``: ``(x / rms(x) · w + b) ⊙ act(g)``: scale held, identity
     rule on the activation, half rule on the product."""
-    total, res_out = routes._with_residual(x, residual, residual_in_fp32)
-    rel = total * hold(routes._rms_factor(total, module.weight, module.eps), rules.detach_norm)
+    total, res_out = fla_torch.with_residual(x, residual, residual_in_fp32)
+    rel = total * hold(fla_torch.rms_factor(total, module.weight, module.eps), rules.detach_norm)
     if module.bias is not None:
         rel = rel + module.bias
-    rel = rel * act(lambda t: routes._activate(t, module.activation), g, rules)
+    rel = rel * act(lambda t: fla_torch.activate(t, module.activation), g, rules)
     if rules.half_gate:
         rel = uniform_rule(rel, 2)
     rel = rel.to(x.dtype)
 
     def value() -> Tensor:
         if _on_cpu(x):
-            return routes._torch_rms_norm_gated(x, g, module.weight, module.bias, module.activation, residual,
+            return fla_torch.torch_rms_norm_gated(x, g, module.weight, module.bias, module.activation, residual,
                                                 eps=module.eps)
         return type(module).forward(module, x, g, residual)
 
@@ -138,8 +139,8 @@ def group_norm_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor, residu
                    prenorm: bool = False, residual_in_fp32: bool = False) -> Any:
     """LRP form of fla's ``GroupNorm.forward``: per group ``(x − mean) · rsqrt(var + ε) · w + b``, scale held
     (the centering is linear, the bias absorbs)."""
-    total, res_out = routes._with_residual(x, residual, residual_in_fp32)
-    factor, centered = routes._group_norm_parts(total, module.weight, module.eps, module.is_rms_norm,
+    total, res_out = fla_torch.with_residual(x, residual, residual_in_fp32)
+    factor, centered = fla_torch.group_norm_parts(total, module.weight, module.eps, module.is_rms_norm,
                                                 module.num_groups)
     rel = centered * hold(factor, rules.detach_norm)
     if module.bias is not None:
@@ -148,7 +149,7 @@ def group_norm_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor, residu
 
     def value() -> Tensor:
         if _on_cpu(x):
-            return routes._torch_group_norm(x, module.weight, module.bias, residual, module.eps,
+            return fla_torch.torch_group_norm(x, module.weight, module.bias, residual, module.eps,
                                             is_rms_norm=module.is_rms_norm, num_groups=module.num_groups)
         return type(module).forward(module, x, residual)
 
@@ -241,7 +242,7 @@ def gla_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor, a
         gk = torch.clamp_min(gk, module.clamp_min)
     if module.feature_map_fn is not None:
         q, k = map(module.feature_map_fn, (q, k))
-    o = _held_gla(rules, lambda q_, k_, v_, g_: routes._torch_gla(q_, k_, v_, gk=g_), q, k, v, gk)
+    o = _held_gla(rules, lambda q_, k_, v_, g_: fla_torch.torch_gla(q_, k_, v_, gk=g_), q, k, v, gk)
     return _output(module, rules, o, x), None, past_key_values
 
 
@@ -260,7 +261,7 @@ def hgrn2_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor,
     k = 1 - g.exp()
     q, k, g = (_heads(t, module.head_f_dim) for t in (q, k.to(i), g))
     i = _heads(i, module.head_i_dim)
-    o = _held_gla(rules, lambda q_, k_, v_, g_: routes._torch_gla(q_, k_, v_, gk=g_), q, k, i, g).flatten(-2)
+    o = _held_gla(rules, lambda q_, k_, v_, g_: fla_torch.torch_gla(q_, k_, v_, gk=g_), q, k, i, g).flatten(-2)
     # fla's fused rms_norm_linear: the norm, then o_proj's weight (called as a module so Zennit rules attach)
     return module.o_proj(rms_norm_lrp(module.g_norm, rules, o)), None, past_key_values
 
@@ -284,7 +285,7 @@ def retnet_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor
         v = _heads(v, module.head_v_dim)
     bsz, length, heads = q.shape[:3]
     decay = retention_log_decay(heads).to(q.device)[None, None, :].expand(bsz, length, heads)
-    o = _held_gla(rules, lambda q_, k_, v_, g_: routes._torch_retention(q_, k_, v_), q, k, v, decay)
+    o = _held_gla(rules, lambda q_, k_, v_, g_: fla_torch.torch_retention(q_, k_, v_), q, k, v, decay)
     return _output(module, rules, o, x), None, past_key_values
 
 
@@ -301,7 +302,7 @@ def rwkv6_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor,
         return x, None, past_key_values
     if attention_mask is not None:
         x = x.mul(attention_mask[:, -length:, None])
-    delta = routes._torch_token_shift(x) if _on_cpu(x) else importlib.import_module(type(module).__module__) \
+    delta = fla_torch.torch_token_shift(x) if _on_cpu(x) else importlib.import_module(type(module).__module__) \
         .token_shift(x)  # shift(x) − x: linear
     mix = module.x_proj[0](x, delta).view(batch, length, -1, module.proj_low_rank_dim)
     mix = torch.einsum("b t n r, h n r-> b t n h", module.x_proj[1](mix),
@@ -318,7 +319,7 @@ def rwkv6_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor,
     r, w, k = (_heads(t, module.head_k_dim) for t in (r, w, k))
     v = _heads(v, module.head_v_dim)
     w = -torch.exp(w)
-    o = _held_gla(rules, lambda q_, k_, v_, w_, u: routes._torch_rwkv6(q_, k_, v_, w_, u, scale=1.0),
+    o = _held_gla(rules, lambda q_, k_, v_, w_, u: fla_torch.torch_rwkv6(q_, k_, v_, w_, u, scale=1.0),
                   r, k, v, w, scale=1.0, bonus=module.bonus, u=hold(module.bonus, rules.detach_ssm))
     o = group_norm_lrp(module.g_norm, rules, o.flatten(-2))
     o = o * act(_gate_fn(module, g), g, rules)
@@ -380,7 +381,7 @@ def delta_net_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Ten
     l2 = module.qk_norm == "l2"
 
     def kernel(query, key, value, g=None, beta=None, initial_state=None, output_final_state=False, **_):
-        return routes._torch_delta_rule(query, key, value, beta=beta, use_qk_l2norm_in_kernel=l2)
+        return fla_torch.torch_delta_rule(query, key, value, beta=beta, use_qk_l2norm_in_kernel=l2)
 
     g = torch.zeros_like(beta, dtype=torch.float32)  # no decay
     o, _ = held_delta_rule(kernel, _delta_rule_relevance(l2), q, k, v, g, beta, rules, keep_state=False)
@@ -401,12 +402,12 @@ def gated_deltanet_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states
     q, k = _heads(q, module.head_k_dim), _heads(k, module.head_k_dim)
     v = _heads(v, module.head_v_dim)
     # the kernel's in-kernel transforms (gate −exp(A_log)·softplus(a + dt_bias), σ(β), ×2), as the capture reads them
-    q, k, v, g, beta = routes.gdn_kernel_inputs({
+    q, k, v, g, beta = fla_torch.gdn_kernel_inputs({
         "q": q, "k": k, "v": v, "g": module.a_proj(x), "beta": module.b_proj(x), "use_gate_in_kernel": True,
         "A_log": module.A_log, "dt_bias": module.dt_bias, "use_beta_sigmoid_in_kernel": True,
         "allow_neg_eigval": module.allow_neg_eigval,
     })
-    o, _ = held_delta_rule(routes._torch_gated_delta_rule, gated_delta_rule_recurrent, q, k, v, g, beta, rules,
+    o, _ = held_delta_rule(fla_torch.torch_gated_delta_rule, gated_delta_rule_recurrent, q, k, v, g, beta, rules,
                            keep_state=False)
     return _gated_output(module, rules, o, x), None, past_key_values
 
