@@ -206,16 +206,18 @@ if triton is not None:
             m = tl.dot(q_hi, kh, m, input_precision="tf32")
         elif FAR == 2:
             # the same three TF32 products as one of contraction 4·N_P, so no product waits on another:
-            # row 4n + i of the right factor (4·N_P, BS) is [kh_n, kl_n, kh_n, 0][i], column 4n + i of the
-            # left one [q_lo_n, q_hi_n, q_hi_n, 0][i] (join puts its pair last; the row-major reshape then
-            # lays out (n, i, j) as 4n + 2i + j). The zero pads the 3 to a power of two.
+            # rows 4n..4n+3 of the right factor (4·N_P, BS) are [kh_n, kl_n, kh_n, 0] (built by the host),
+            # columns 4n..4n+3 of the left one [q_lo_n, q_hi_n, q_hi_n, 0]. join adds a minor axis, so
+            # reshape(join(join(a, b), join(c, d))) lays out [a, c, b, d] per n (element (n, i, j) at 4n + 2i + j).
+            # The zero pads 3 to a power of two.
             offs_f = tl.arange(0, 4 * N_P)
             kf = tl.load(
                 kf_ptr + base_q * (4 * N_P) + offs_f[:, None] * L + offs_s[None, :], mask=mask_s[None, :], other=0.0
             )
             qs = q * shift[None, :]
             q_hi = _tf32_high(qs)
-            pairs = tl.join(tl.join(qs - q_hi, q_hi), tl.join(q_hi, tl.zeros_like(qs)))  # (BT, N_P, 2, 2)
+            # (BT, N_P, 2, 2), laid out [q_lo, q_hi, q_hi, 0] per n
+            pairs = tl.join(tl.join(qs - q_hi, q_hi), tl.join(q_hi, tl.zeros_like(qs)))
             m = tl.dot(tl.reshape(pairs, (BT, 4 * N_P)), kf, input_precision="tf32")
         else:
             kk = tl.load(k_ptr + (base_q + offs_s[:, None]) * N_P + offs_n[None, :], mask=mask_s[:, None], other=0.0)
