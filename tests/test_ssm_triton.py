@@ -157,8 +157,7 @@ def test_kernel_per_entry_form_next_to_the_diagonal(rate_scale, monkeypatch):
 @pytest.mark.parametrize("far_product, far_unroll", FAR_VARIANTS)
 @pytest.mark.parametrize("case", ["conv-skip-gate", "multi-head", "state16-long"])
 def test_far_tile_variants_on_gpu(case, far_product, far_unroll, monkeypatch):
-    """The opt-in far-tile variants (benchmarks/sweep_kernel.py) agree with the shipped kernel and the reference;
-    channel counts odd in one launch (3 channels, one program in dense mode) and split over launches."""
+    """The opt-in far-tile variants (benchmarks/sweep_kernel.py) agree with the shipped kernel and the reference."""
     from captum_implicit.ops import ssm_triton
 
     attn = random_mamba_attention("cuda", **{**CASES[case], "channels": 3})
@@ -167,11 +166,13 @@ def test_far_tile_variants_on_gpu(case, far_product, far_unroll, monkeypatch):
     shipped = kernel_outputs(attn)
     monkeypatch.setattr(ssm_triton, "FAR_PRODUCT", far_product)
     monkeypatch.setattr(ssm_triton, "FAR_UNROLL", far_unroll)
-    compare_variant(kernel_outputs(attn), shipped, ref, exact=False)
-    # two channels in the first launch, the third alone in the second
     per_channel = attn.batch_size * attn.seq_len * 16 * (4 if far_product == "fused" else 1)  # n_pad = 16
-    monkeypatch.setattr(ssm_triton, "FACTOR_ELEMENTS", 2 * per_channel)
-    compare_variant(kernel_outputs(attn), shipped, ref, exact=False)
+    # as shipped (reductions: one channel per program, dense: 3, a pair and the odd one); then one program per
+    # tile for the reductions too; then also 2 channels in a first launch, the third alone in a second
+    for setting in ({}, {"PROGRAMS": 1}, {"FACTOR_ELEMENTS": 2 * per_channel}):
+        for key, value in setting.items():
+            monkeypatch.setattr(ssm_triton, key, value)
+        compare_variant(kernel_outputs(attn), shipped, ref, exact=False)
 
 
 @pytest.mark.gpu
