@@ -30,6 +30,23 @@ def seconds(fn, reps=3):
     return (time.perf_counter() - t) / reps
 
 
+def compiled_kernels() -> dict:
+    """Triton's compiled specialisations of the kernel so far (id → kernel); empty if this Triton keeps them
+    elsewhere (``device_caches`` values start with the kernel cache in Triton 3.x)."""
+    try:
+        return {id(k): k for cache in ssm_triton._ssm_kernel.device_caches.values() for k in cache[0].values()}
+    except (AttributeError, IndexError, TypeError):
+        return {}
+
+
+def resources(kernels) -> str:
+    """Registers per thread, spills and shared memory of the given compiled kernels (register pressure)."""
+    return "; ".join(
+        f"{getattr(k, 'n_regs', '?')} regs {getattr(k, 'n_spills', '?')} spills "
+        f"{getattr(getattr(k, 'metadata', None), 'shared', 0) // 1024} KiB smem" for k in kernels
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--length", type=int, default=4096)
@@ -40,7 +57,10 @@ def main() -> None:
     small = capture_layer(768, a.dense_length)
     with blockwise(triton=False):
         ref = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
-    shipped = dict(FAR_PRODUCT="split", PRODUCT="tf32x3", NUM_STAGES=4, DENSE_CHANNELS=16, NUM_WARPS=4, BLOCK=64)
+    shipped = dict(
+        FAR_PRODUCT="split", FAR_UNROLL=1, PRODUCT="tf32x3", NUM_STAGES=4, DENSE_CHANNELS=16, NUM_WARPS=4, BLOCK=64
+    )
+    block128 = dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2)
     variants = [shipped] + [{**shipped, **change} for change in [
         dict(FAR_PRODUCT="register"),
         dict(FAR_PRODUCT="register", PRODUCT="tf32"),  # one TF32 product (≈5e-6 relative, measured in session 1)
@@ -49,16 +69,30 @@ def main() -> None:
         dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=3),
         dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2, FAR_PRODUCT="register", PRODUCT="tf32"),
         dict(BLOCK=32, NUM_STAGES=4),
+        # the far-tile loop looks latency-bound (three dependent K=N products per channel): one product of
+        # contraction 4N, and/or two channels per iteration (two independent chains to overlap)
+        dict(FAR_PRODUCT="fused"),
+        dict(FAR_UNROLL=2),
+        dict(FAR_PRODUCT="fused", FAR_UNROLL=2),
+        {**block128, "FAR_PRODUCT": "fused"},
+        {**block128, "FAR_UNROLL": 2},
+        {**block128, "FAR_PRODUCT": "fused", "FAR_UNROLL": 2},
     ]]
     for variant in variants:
         for key, value in variant.items():
             setattr(ssm_triton, key, value)
-        t_agg = seconds(lambda: la.aggregate("positive_mean", grad=grad))
-        t_dense = seconds(lambda: small.dense(), reps=2)
-        got = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
+        before = compiled_kernels()
+        try:  # a variant Triton cannot compile (shared memory, registers, a shape) must not end the sweep
+            t_agg = seconds(lambda: la.aggregate("positive_mean", grad=grad))
+            t_dense = seconds(lambda: small.dense(), reps=2)
+            got = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
+        except Exception as e:  # noqa: BLE001 - reported, then the next variant
+            print(f"{variant}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+            continue
         err = float((got - ref).abs().max() / ref.abs().max())
+        new = [k for key, k in compiled_kernels().items() if key not in before]
         print(f"{variant}: Ā(L={a.length}) {t_agg:.4f} s  dense(L={a.dense_length}) {t_dense:.4f} s  "
-              f"rel err {err:.1e}", flush=True)
+              f"rel err {err:.1e}  [{resources(new)}]", flush=True)
 
 if __name__ == "__main__":
     main()
