@@ -71,8 +71,14 @@ def compare_with_reference(attn) -> None:
 
 #: one reduction per kernel mode (sum, abs, positive, max_abs)
 MODE_REDUCTIONS = ["sum", "abs_mean", "positive_sum", "max_abs"]
-#: opt-in far-tile variants (ops/ssm_triton.py FAR_PRODUCT / FAR_UNROLL) next to the shipped ("split", 1)
-FAR_VARIANTS = [("fused", 1), ("split", 2), ("fused", 2)]
+#: opt-in far-tile variants (module constants of ops/ssm_triton.py) next to the shipped settings
+FAR_VARIANTS = [
+    dict(FAR_PRODUCT="fused"),
+    dict(FAR_UNROLL=2),
+    dict(FAR_PRODUCT="fused", FAR_UNROLL=2),
+    dict(SEPARATE_FAR=True),
+    dict(SEPARATE_FAR=True, FAR_PRODUCT="fused", FAR_UNROLL=2),
+]
 #: a variant against the shipped kernel: the same TF32 products, summed in another float32 order
 VARIANT_BOUND = 1e-6
 
@@ -154,9 +160,9 @@ def test_kernel_per_entry_form_next_to_the_diagonal(rate_scale, monkeypatch):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("far_product, far_unroll", FAR_VARIANTS)
+@pytest.mark.parametrize("variant", FAR_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
 @pytest.mark.parametrize("case", ["conv-skip-gate", "multi-head", "state16-long"])
-def test_far_tile_variants_on_gpu(case, far_product, far_unroll, monkeypatch):
+def test_far_tile_variants_on_gpu(case, variant, monkeypatch):
     """The opt-in far-tile variants (benchmarks/sweep_kernel.py) agree with the shipped kernel and the reference."""
     from captum_implicit.ops import ssm_triton
 
@@ -164,9 +170,10 @@ def test_far_tile_variants_on_gpu(case, far_product, far_unroll, monkeypatch):
     with blockwise(triton=False):
         ref = kernel_outputs(attn)
     shipped = kernel_outputs(attn)
-    monkeypatch.setattr(ssm_triton, "FAR_PRODUCT", far_product)
-    monkeypatch.setattr(ssm_triton, "FAR_UNROLL", far_unroll)
-    per_channel = attn.batch_size * attn.seq_len * 16 * (4 if far_product == "fused" else 1)  # n_pad = 16
+    for key, value in variant.items():
+        monkeypatch.setattr(ssm_triton, key, value)
+    fused = variant.get("FAR_PRODUCT") == "fused"
+    per_channel = attn.batch_size * attn.seq_len * 16 * (4 if fused else 1)  # n_pad = 16
     # as shipped (reductions: one channel per program, dense: 3, a pair and the odd one); then one program per
     # tile for the reductions too; then also 2 channels in a first launch, the third alone in a second
     for setting in ({}, {"PROGRAMS": 1}, {"FACTOR_ELEMENTS": 2 * per_channel}):
@@ -193,30 +200,27 @@ def test_attn_grad_same_with_and_without_kernel_on_hf_mamba():
     assert rel_err(fast, slow) <= BOUND
 
 
-def interpreter_checks() -> None:
-    """The checks of :func:`test_kernel_logic_in_triton_interpreter`, run in a ``TRITON_INTERPRET=1`` process."""
+def _interpreter_case():
+    """Emulated TF32, 16-token tiles (far tiles exist), 3 channels, and the kernel module."""
     from captum_implicit.ops import ssm_triton
 
     emulate_tf32_in_interpreter()
-    ssm_triton.BLOCK = 16  # 16-token tiles: far tiles exist
-    attn = random_mamba_attention("cpu", channels=3, length=40, state=3, batch=1)
+    ssm_triton.BLOCK = 16
+    return ssm_triton, random_mamba_attention("cpu", channels=3, length=40, state=3, batch=1)
+
+
+def interpreter_checks() -> None:
+    """The checks of :func:`test_kernel_logic_in_triton_interpreter`, run in a ``TRITON_INTERPRET=1`` process."""
+    ssm_triton, attn = _interpreter_case()
     compare_with_reference(attn)  # several channels per program (dense and reductions)
-    with blockwise(triton=False):
-        ref = kernel_outputs(attn)
-    shipped = kernel_outputs(attn)
     # the emulation is live: one TF32 product misses float32 accuracy by far
+    with blockwise(triton=False):
+        ref_dense = attn.dense()
     ssm_triton.FAR_PRODUCT, ssm_triton.PRODUCT = "register", "tf32"
-    assert rel_err(attn.dense(), ref["dense"]) > 1e-4
+    assert rel_err(attn.dense(), ref_dense) > 1e-4
     ssm_triton.PRODUCT = "tf32x3"
     compare_with_reference(attn)
-    # far-tile variants: the 3 channels in one program (a pair, then the odd one), then 2 + 1 over two launches
-    for far, unroll in FAR_VARIANTS:
-        ssm_triton.FAR_PRODUCT, ssm_triton.FAR_UNROLL = far, unroll
-        compare_variant(kernel_outputs(attn), shipped, ref, exact=far == "split")
-        ssm_triton.FACTOR_ELEMENTS = 2 * 40 * 16 * (4 if far == "fused" else 1)
-        compare_variant(kernel_outputs(attn), shipped, ref, exact=far == "split")
-        ssm_triton.FACTOR_ELEMENTS = 1 << 28
-    ssm_triton.FAR_PRODUCT, ssm_triton.FAR_UNROLL = "split", 1
+    ssm_triton.FAR_PRODUCT = "split"
     ssm_triton.FACTOR_ELEMENTS = 40 * 16  # one channel per launch
     compare_with_reference(attn)
     huge = random_mamba_attention("cpu", channels=2, length=40, state=3, batch=1, rate_scale=1e4)
@@ -224,11 +228,39 @@ def interpreter_checks() -> None:
     compare_with_reference(huge)
 
 
-def test_kernel_logic_in_triton_interpreter():
-    """CI has no GPU: run small cases of the kernel in Triton's CPU interpreter (TF32 products emulated)."""
-    pytest.importorskip("triton")
-    code = "import sys; sys.path.insert(0, 'tests'); import test_ssm_triton as t; t.interpreter_checks(); print('ok')"
+def interpreter_variant_checks() -> None:
+    """The checks of :func:`test_far_tile_variants_in_triton_interpreter` (``TRITON_INTERPRET=1`` process): the
+    3 channels in one program (a pair, then the odd one), then 2 + 1 over two launches; bit for bit where the
+    products are the shipped ones (only the loop or the launches differ)."""
+    ssm_triton, attn = _interpreter_case()
+    with blockwise(triton=False):
+        ref = kernel_outputs(attn)
+    shipped = kernel_outputs(attn)
+    shipped_settings = {key: getattr(ssm_triton, key) for key in ("FAR_PRODUCT", "FAR_UNROLL", "SEPARATE_FAR")}
+    for variant in FAR_VARIANTS:
+        for key, value in {**shipped_settings, **variant}.items():
+            setattr(ssm_triton, key, value)
+        fused = variant.get("FAR_PRODUCT") == "fused"
+        for elements in (1 << 28, 2 * 40 * 16 * (4 if fused else 1)):
+            ssm_triton.FACTOR_ELEMENTS = elements
+            compare_variant(kernel_outputs(attn), shipped, ref, exact=not fused)
+
+
+def _run_in_interpreter(checks: str) -> None:
+    code = f"import sys; sys.path.insert(0, 'tests'); import test_ssm_triton as t; t.{checks}(); print('ok')"
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+def test_kernel_logic_in_triton_interpreter():
+    """CI has no GPU: run small cases of the kernel in Triton's CPU interpreter (TF32 products emulated)."""
+    pytest.importorskip("triton")
+    _run_in_interpreter("interpreter_checks")
+
+
+def test_far_tile_variants_in_triton_interpreter():
+    """The opt-in far-tile variants (benchmarks/sweep_kernel.py) in Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    _run_in_interpreter("interpreter_variant_checks")

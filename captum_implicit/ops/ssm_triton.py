@@ -54,6 +54,9 @@ NUM_WARPS = 4
 FAR_PRODUCT = "split"
 #: far tiles: channels per loop iteration (1 or 2; 2 gives the scheduler two independent product chains)
 FAR_UNROLL = 1
+#: far tiles in a launch of their own, the other tiles in a second one: each compiles only its own loop, so the
+#: far loop's register allocation (hence occupancy) is not that of the tiles next to the diagonal
+SEPARATE_FAR = False
 #: software-pipelining stages of the channel loop
 NUM_STAGES = 4
 #: channels per program in dense mode (each writes its own tiles; more per program amortises the setup)
@@ -225,6 +228,86 @@ if triton is not None:
         return m
 
     @triton.jit
+    def _far_channels(
+        acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+        b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
+        L, C, N, s_ob, s_oc, s_ot,
+        N_P: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr, PRODUCT: tl.constexpr,
+        FAR: tl.constexpr, UNROLL: tl.constexpr,
+    ):
+        """Channels ``[lc0, lc1)`` of a far tile (see :func:`_far_tile`), emitted into ``acc``."""
+        tile_ptrs = out_ptr + b * s_ob + offs_t[:, None] * s_ot + offs_s[None, :]
+        if UNROLL == 2:
+            # two channels per iteration: two independent product chains the scheduler can overlap;
+            # emitted in channel order, so the result is the same as one channel per iteration
+            lc_pair_end = lc0 + tl.maximum(lc1 - lc0, 0) // 2 * 2  # clamped: // of negatives differs
+            for lc in range(lc0, lc_pair_end, 2):
+                m0 = _far_tile(
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, c_base + lc, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
+                )
+                m1 = _far_tile(
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, c_base + lc + 1, lc + 1, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
+                )
+                acc = _emit(acc, m0, tile_ptrs + (c_base + lc) * s_oc, mask_ts, MODE)
+                acc = _emit(acc, m1, tile_ptrs + (c_base + lc + 1) * s_oc, mask_ts, MODE)
+            if lc_pair_end < lc1:  # odd channel count: the last channel alone
+                m = _far_tile(
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, c_base + lc_pair_end, lc_pair_end, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
+                )
+                acc = _emit(acc, m, tile_ptrs + (c_base + lc_pair_end) * s_oc, mask_ts, MODE)
+        else:
+            for lc in range(lc0, lc1):
+                m = _far_tile(
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, c_base + lc, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
+                )
+                acc = _emit(acc, m, tile_ptrs + (c_base + lc) * s_oc, mask_ts, MODE)
+        return acc
+
+    @triton.jit
+    def _near_channels(
+        acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
+        skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
+        b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
+        L, C, H, N, s_ob, s_oc, s_ot,
+        N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
+        HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
+        PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr,
+    ):
+        """Channels ``[lc0, lc1)`` of a tile touching the row block, emitted into ``acc``."""
+        for lc in range(lc0, lc1):
+            c = c_base + lc
+            base_bc = (b * C + c) * L
+            h = tl.load(head_ptr + c)
+            base_bh = (b * H + h) * L
+            if NEAR_EXACT:
+                m = _near_tile_exact(
+                    cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, col_ptr, w_ptr,
+                    base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
+                    N_P, K, BT, BS, HAS_SKIP, HAS_COL,
+                )
+                if HAS_LSC:
+                    m = m * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)[:, None]
+            else:
+                base_q = (b * c_count + lc) * L
+                m = _near_tile_pivoted(
+                    q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
+                    base_bc, base_bh, base_q, c, pivot, offs_t, offs_s, offs_n, mask_t, mask_n, L, N,
+                    N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL, PRODUCT,
+                )
+            if HAS_RSC:
+                m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
+            acc = _emit(acc, m, out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :], mask_ts, MODE)
+        return acc
+
+    @triton.jit
     def _ssm_kernel(
         out_ptr, tiles_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr,
         head_ptr, skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
@@ -233,8 +316,9 @@ if triton is not None:
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
         ACCUMULATE: tl.constexpr, PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr, FAR: tl.constexpr,
-        UNROLL: tl.constexpr,
+        UNROLL: tl.constexpr, TILES: tl.constexpr,
     ):
+        # TILES: 0 any tile, 1 only far tiles, 2 only the others (touching the row block, or above it)
         tile = tl.program_id(0)
         b = tl.program_id(1)
         grp = tl.program_id(2)
@@ -265,65 +349,36 @@ if triton is not None:
             else:
                 acc = tl.zeros((BT, BS), dtype=tl.float32)
             # far tiles (almost all) and the two next to the diagonal run separate branch-free loops, so the
-            # far loop's loads can be pipelined across channels
-            if far:
-                tile_ptrs = out_ptr + b * s_ob + offs_t[:, None] * s_ot + offs_s[None, :]
-                if UNROLL == 2:
-                    # two channels per iteration: two independent product chains the scheduler can overlap;
-                    # emitted in channel order, so the result is the same as one channel per iteration
-                    lc_pair_end = lc0 + tl.maximum(lc1 - lc0, 0) // 2 * 2  # clamped: // of negatives differs
-                    for lc in range(lc0, lc_pair_end, 2):
-                        m0 = _far_tile(
-                            q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
-                            b, c_base + lc, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
-                            mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
-                        )
-                        m1 = _far_tile(
-                            q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
-                            b, c_base + lc + 1, lc + 1, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
-                            mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
-                        )
-                        acc = _emit(acc, m0, tile_ptrs + (c_base + lc) * s_oc, mask_ts, MODE)
-                        acc = _emit(acc, m1, tile_ptrs + (c_base + lc + 1) * s_oc, mask_ts, MODE)
-                    if lc_pair_end < lc1:  # odd channel count: the last channel alone
-                        m = _far_tile(
-                            q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
-                            b, c_base + lc_pair_end, lc_pair_end, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
-                            mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
-                        )
-                        acc = _emit(acc, m, tile_ptrs + (c_base + lc_pair_end) * s_oc, mask_ts, MODE)
-                else:
-                    for lc in range(lc0, lc1):
-                        m = _far_tile(
-                            q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
-                            b, c_base + lc, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
-                            mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
-                        )
-                        acc = _emit(acc, m, tile_ptrs + (c_base + lc) * s_oc, mask_ts, MODE)
+            # far loop's loads can be pipelined across channels; a launch of only one kind compiles only its
+            # loop, so the far loop gets registers of its own (see SEPARATE_FAR)
+            if TILES == 1:
+                acc = _far_channels(
+                    acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, mask_ts, L, C, N, s_ob, s_oc, s_ot, N_P, BT, BS, MODE, PRODUCT, FAR, UNROLL,
+                )
+            elif TILES == 2:
+                acc = _near_channels(
+                    acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
+                    skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
+                    b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
+                    L, C, H, N, s_ob, s_oc, s_ot,
+                    N_P, K, BT, BS, MODE, HAS_SKIP, HAS_LSC, HAS_RSC, HAS_COL, PRODUCT, NEAR_EXACT,
+                )
+            elif far:
+                acc = _far_channels(
+                    acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, mask_ts, L, C, N, s_ob, s_oc, s_ot, N_P, BT, BS, MODE, PRODUCT, FAR, UNROLL,
+                )
             else:
-                for lc in range(lc0, lc1):
-                    c = c_base + lc
-                    base_bc = (b * C + c) * L
-                    h = tl.load(head_ptr + c)
-                    base_bh = (b * H + h) * L
-                    if NEAR_EXACT:
-                        m = _near_tile_exact(
-                            cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, col_ptr, w_ptr,
-                            base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
-                            N_P, K, BT, BS, HAS_SKIP, HAS_COL,
-                        )
-                        if HAS_LSC:
-                            m = m * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)[:, None]
-                    else:
-                        base_q = (b * c_count + lc) * L
-                        m = _near_tile_pivoted(
-                            q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
-                            base_bc, base_bh, base_q, c, pivot, offs_t, offs_s, offs_n, mask_t, mask_n, L, N,
-                            N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL, PRODUCT,
-                        )
-                    if HAS_RSC:
-                        m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
-                    acc = _emit(acc, m, out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :], mask_ts, MODE)
+                acc = _near_channels(
+                    acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
+                    skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
+                    b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
+                    L, C, H, N, s_ob, s_oc, s_ot,
+                    N_P, K, BT, BS, MODE, HAS_SKIP, HAS_LSC, HAS_RSC, HAS_COL, PRODUCT, NEAR_EXACT,
+                )
             if MODE != 0:
                 tl.store(out_tile, acc, mask=mask_ts)
 
@@ -449,6 +504,11 @@ def ssm_kernel(
     num_blocks = math.ceil(length / block)
     dense = mode == "dense"
     tiles = _tiles(num_blocks, dense, device)
+    if SEPARATE_FAR:  # far: the columns and their conv halo end before the row block (as in the kernel)
+        far = tiles[:, 1] * block + block - 1 + taps - 1 <= tiles[:, 0] * block - 1
+        launches = [(kind, part.contiguous()) for kind, part in ((1, tiles[far]), (2, tiles[~far])) if len(part)]
+    else:
+        launches = [(0, tiles)]
     if FAR_PRODUCT not in FAR_CODES or FAR_UNROLL not in (1, 2):
         raise ValueError(f"FAR_PRODUCT={FAR_PRODUCT!r}, FAR_UNROLL={FAR_UNROLL!r}: unknown far-tile variant")
     fused = FAR_PRODUCT == "fused"
@@ -481,18 +541,20 @@ def ssm_kernel(
         if fused:  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
             kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
             kh = kl = dummy
-        grid = (tiles.shape[0], bsz, math.ceil(count / per_prog) if dense else groups)
-        _ssm_kernel[grid](
-            out, tiles, q, k, kh, kl, kf, cum, rate, read, write, ws, head_of,
-            skip if skip is not None else dummy, lsc if lsc is not None else dummy,
-            rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
-            length, nch, nheads, nstate, c0, count, per_prog,
-            out.stride(0), out.stride(1), out.stride(2),
-            N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
-            HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
-            HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT, NEAR_EXACT=near_exact or FORCE_NEAR_EXACT,
-            FAR=FAR_CODES[FAR_PRODUCT], UNROLL=FAR_UNROLL, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        )
+        for kind, part in launches:  # each tile belongs to exactly one launch: no two write the same output
+            grid = (part.shape[0], bsz, math.ceil(count / per_prog) if dense else groups)
+            _ssm_kernel[grid](
+                out, part, q, k, kh, kl, kf, cum, rate, read, write, ws, head_of,
+                skip if skip is not None else dummy, lsc if lsc is not None else dummy,
+                rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
+                length, nch, nheads, nstate, c0, count, per_prog,
+                out.stride(0), out.stride(1), out.stride(2),
+                N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
+                HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
+                HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT,
+                NEAR_EXACT=near_exact or FORCE_NEAR_EXACT, FAR=FAR_CODES[FAR_PRODUCT], UNROLL=FAR_UNROLL, TILES=kind,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            )
         del q, k, kh, kl, kf
     if dense:
         return out
