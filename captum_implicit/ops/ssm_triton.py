@@ -23,6 +23,10 @@ use the row block's pivot when ``max |a| · (cum-span of a block and its halo)``
 :data:`MAX_EXPONENT` (float32 overflows at 88.7), and otherwise one exponential per entry and state
 (``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound. Differences of cumulative sums are taken in float64, the rest in float32 (``tl.dot`` in IEEE float32, no
 TF32), accumulation in float32.
+
+The far-tile loop has opt-in variants for ``benchmarks/sweep_kernel.py`` (:data:`FAR_PRODUCT` ``"fused"``,
+:data:`FAR_UNROLL`, :data:`SEPARATE_FAR`); ``benchmarks/kernel_resources.py`` shows their registers, spills and
+shared memory on sm_90 without a GPU.
 """
 
 from __future__ import annotations
