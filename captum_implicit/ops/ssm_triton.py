@@ -104,6 +104,11 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _tile_ptrs(out_ptr, b, c, offs_t, offs_s, s_ob, s_oc, s_ot):
+        """Output addresses of channel ``c``'s tile (dense mode)."""
+        return out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
+
+    @triton.jit
     def _tf32_high(x):
         """``x`` truncated to TF32 (10 mantissa bits): exactly representable, so a TF32 product keeps it."""
         return (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
@@ -240,7 +245,6 @@ if triton is not None:
         FAR: tl.constexpr, UNROLL: tl.constexpr,
     ):
         """Channels ``[lc0, lc1)`` of a far tile (see :func:`_far_tile`), emitted into ``acc``."""
-        tile_ptrs = out_ptr + b * s_ob + offs_t[:, None] * s_ot + offs_s[None, :]
         if UNROLL == 2:
             # two channels per iteration: two independent product chains the scheduler can overlap;
             # emitted in channel order, so the result is the same as one channel per iteration
@@ -256,15 +260,20 @@ if triton is not None:
                     b, c_base + lc + 1, lc + 1, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
                     mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
                 )
-                acc = _emit(acc, m0, tile_ptrs + (c_base + lc) * s_oc, mask_ts, MODE)
-                acc = _emit(acc, m1, tile_ptrs + (c_base + lc + 1) * s_oc, mask_ts, MODE)
+                acc = _emit(
+                    acc, m0, _tile_ptrs(out_ptr, b, c_base + lc, offs_t, offs_s, s_ob, s_oc, s_ot), mask_ts, MODE
+                )
+                acc = _emit(
+                    acc, m1, _tile_ptrs(out_ptr, b, c_base + lc + 1, offs_t, offs_s, s_ob, s_oc, s_ot), mask_ts, MODE
+                )
             if lc_pair_end < lc1:  # odd channel count: the last channel alone
                 m = _far_tile(
                     q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
                     b, c_base + lc_pair_end, lc_pair_end, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
                     mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
                 )
-                acc = _emit(acc, m, tile_ptrs + (c_base + lc_pair_end) * s_oc, mask_ts, MODE)
+                ptrs = _tile_ptrs(out_ptr, b, c_base + lc_pair_end, offs_t, offs_s, s_ob, s_oc, s_ot)
+                acc = _emit(acc, m, ptrs, mask_ts, MODE)
         else:
             for lc in range(lc0, lc1):
                 m = _far_tile(
@@ -272,7 +281,9 @@ if triton is not None:
                     b, c_base + lc, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
                     mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
                 )
-                acc = _emit(acc, m, tile_ptrs + (c_base + lc) * s_oc, mask_ts, MODE)
+                acc = _emit(
+                    acc, m, _tile_ptrs(out_ptr, b, c_base + lc, offs_t, offs_s, s_ob, s_oc, s_ot), mask_ts, MODE
+                )
         return acc
 
     @triton.jit
