@@ -20,6 +20,40 @@ from captum_implicit.ops import ssm_triton
 from bench_kernel import capture_layer
 
 
+SHIPPED = dict(
+    FAR_PRODUCT="split", FAR_UNROLL=1, SEPARATE_FAR=False, PRODUCT="tf32x3", NUM_STAGES=4, DENSE_CHANNELS=16,
+    NUM_WARPS=4, BLOCK=64,
+)
+_BLOCK128 = dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2)
+#: module settings per variant, the shipped ones first
+VARIANTS = [SHIPPED] + [{**SHIPPED, **change} for change in [
+    dict(FAR_PRODUCT="register"),
+    dict(FAR_PRODUCT="register", PRODUCT="tf32"),  # one TF32 product (≈5e-6 relative, measured in session 1)
+    dict(FAR_PRODUCT="register", PRODUCT="ieee"),
+    dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2),  # 4× the outputs per loaded factor, half the loads per entry
+    dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=3),
+    dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2, FAR_PRODUCT="register", PRODUCT="tf32"),
+    dict(BLOCK=32, NUM_STAGES=4),
+    # the far-tile loop looks latency-bound (three dependent K=N products per channel): one product of
+    # contraction 4N, and/or two channels per iteration (two independent chains to overlap)
+    dict(FAR_PRODUCT="fused"),
+    dict(FAR_UNROLL=2),
+    dict(FAR_PRODUCT="fused", FAR_UNROLL=2),
+    {**_BLOCK128, "FAR_PRODUCT": "fused"},
+    {**_BLOCK128, "FAR_UNROLL": 2},
+    {**_BLOCK128, "FAR_PRODUCT": "fused", "FAR_UNROLL": 2},
+    dict(FAR_PRODUCT="fused", FAR_UNROLL=2, NUM_STAGES=2),  # 4 stages: 168 KiB shared memory, 1 program/SM
+    # far tiles in their own launch, compiled without the near-tile code: 128 registers instead of 255 (sm_90,
+    # Triton 3.8), so 4 programs per SM instead of 2 to hide the latency of the dependent products
+    dict(SEPARATE_FAR=True),
+    dict(SEPARATE_FAR=True, FAR_PRODUCT="fused"),
+    dict(SEPARATE_FAR=True, FAR_UNROLL=2),
+    dict(SEPARATE_FAR=True, NUM_WARPS=8),
+    {**_BLOCK128, "SEPARATE_FAR": True},
+    {**_BLOCK128, "SEPARATE_FAR": True, "FAR_PRODUCT": "fused"},
+]]
+
+
 def seconds(fn, reps=3):
     fn()
     torch.cuda.synchronize()
@@ -28,6 +62,23 @@ def seconds(fn, reps=3):
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / reps
+
+
+def compiled_kernels() -> dict:
+    """Triton's compiled specialisations of the kernel so far (id → kernel); empty if this Triton keeps them
+    elsewhere (``device_caches`` values start with the kernel cache in Triton 3.x)."""
+    try:
+        return {id(k): k for cache in ssm_triton._ssm_kernel.device_caches.values() for k in cache[0].values()}
+    except (AttributeError, IndexError, TypeError):
+        return {}
+
+
+def resources(kernels) -> str:
+    """Registers per thread, spills and shared memory of the given compiled kernels (register pressure)."""
+    return "; ".join(
+        f"{getattr(k, 'n_regs', '?')} regs {getattr(k, 'n_spills', '?')} spills "
+        f"{getattr(getattr(k, 'metadata', None), 'shared', 0) // 1024} KiB smem" for k in kernels
+    )
 
 
 def main() -> None:
@@ -40,25 +91,21 @@ def main() -> None:
     small = capture_layer(768, a.dense_length)
     with blockwise(triton=False):
         ref = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
-    shipped = dict(FAR_PRODUCT="split", PRODUCT="tf32x3", NUM_STAGES=4, DENSE_CHANNELS=16, NUM_WARPS=4, BLOCK=64)
-    variants = [shipped] + [{**shipped, **change} for change in [
-        dict(FAR_PRODUCT="register"),
-        dict(FAR_PRODUCT="register", PRODUCT="tf32"),  # one TF32 product (≈5e-6 relative, measured in session 1)
-        dict(FAR_PRODUCT="register", PRODUCT="ieee"),
-        dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2),  # 4× the outputs per loaded factor, half the loads per entry
-        dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=3),
-        dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2, FAR_PRODUCT="register", PRODUCT="tf32"),
-        dict(BLOCK=32, NUM_STAGES=4),
-    ]]
-    for variant in variants:
+    for variant in VARIANTS:
         for key, value in variant.items():
             setattr(ssm_triton, key, value)
-        t_agg = seconds(lambda: la.aggregate("positive_mean", grad=grad))
-        t_dense = seconds(lambda: small.dense(), reps=2)
-        got = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
+        before = compiled_kernels()
+        try:  # a variant Triton cannot compile (shared memory, registers, a shape) must not end the sweep
+            t_agg = seconds(lambda: la.aggregate("positive_mean", grad=grad))
+            t_dense = seconds(lambda: small.dense(), reps=2)
+            got = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
+        except Exception as e:  # noqa: BLE001 - reported, then the next variant
+            print(f"{variant}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+            continue
         err = float((got - ref).abs().max() / ref.abs().max())
+        new = [k for key, k in compiled_kernels().items() if key not in before]
         print(f"{variant}: Ā(L={a.length}) {t_agg:.4f} s  dense(L={a.dense_length}) {t_dense:.4f} s  "
-              f"rel err {err:.1e}", flush=True)
+              f"rel err {err:.1e}  [{resources(new)}]", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -69,6 +69,64 @@ def compare_with_reference(attn) -> None:
             assert rel_err(attn.aggregate(reduce, grad=g), ref) <= BOUND, (reduce, g is not None)
 
 
+#: one reduction per kernel mode (sum, abs, positive, max_abs)
+MODE_REDUCTIONS = ["sum", "abs_mean", "positive_sum", "max_abs"]
+#: opt-in far-tile variants (module constants of ops/ssm_triton.py) next to the shipped settings
+FAR_VARIANTS = [
+    dict(FAR_PRODUCT="fused"),
+    dict(FAR_UNROLL=2),
+    dict(FAR_PRODUCT="fused", FAR_UNROLL=2),
+    dict(SEPARATE_FAR=True),
+    dict(SEPARATE_FAR=True, FAR_PRODUCT="fused", FAR_UNROLL=2),
+]
+#: a variant against the shipped kernel: the same TF32 products, summed in another float32 order
+VARIANT_BOUND = 1e-6
+
+
+def kernel_outputs(attn, reductions=MODE_REDUCTIONS) -> dict:
+    """Dense and one reduction per kernel mode with a gradient (λ, ρ ≠ 1), by whatever path is configured."""
+    grad = torch.randn(attn.values.shape, generator=torch.Generator().manual_seed(1)).to(attn.device)
+    out = {"dense": attn.dense()}
+    for reduce in reductions:
+        out[reduce] = attn.aggregate(reduce, grad=grad)
+    return out
+
+
+def compare_variant(got: dict, shipped: dict, ref: dict, exact: bool) -> None:
+    """A far-tile variant against the shipped kernel (bit for bit where only the loop order changed) and
+    against the torch reference."""
+    for key in ref:
+        if exact:
+            assert torch.equal(got[key], shipped[key]), key
+        assert rel_err(got[key], shipped[key]) <= VARIANT_BOUND, (key, rel_err(got[key], shipped[key]))
+        assert rel_err(got[key], ref[key]) <= BOUND, (key, rel_err(got[key], ref[key]))
+
+
+def emulate_tf32_in_interpreter() -> None:
+    """Make the interpreter's ``tl.dot(..., input_precision="tf32")`` read its operands as TF32, as the tensor
+    cores do (they ignore the low 13 mantissa bits of a float32 operand).
+
+    The interpreter otherwise multiplies in float32, where the far tiles' three TF32 products would be exact
+    whatever pairing of high and low parts they used; with truncated operands only a correct split recovers
+    float32 accuracy.
+    """
+    import numpy as np
+    from triton._C.libtriton import ir
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    plain = InterpreterBuilder.create_dot
+
+    def tf32(h):
+        return TensorHandle((h.data.view(np.int32) & np.int32(-8192)).view(np.float32), h.dtype)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if input_precision == ir.INPUT_PRECISION.TF32 and a.data.dtype == np.float32:
+            a, b = tf32(a), tf32(b)
+        return plain(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    InterpreterBuilder.create_dot = create_dot
+
+
 CASES = {
     "conv-skip-gate": {},
     "no-conv": dict(conv=False),
@@ -102,6 +160,30 @@ def test_kernel_per_entry_form_next_to_the_diagonal(rate_scale, monkeypatch):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("variant", FAR_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("case", ["conv-skip-gate", "multi-head", "state16-long"])
+def test_far_tile_variants_on_gpu(case, variant, monkeypatch):
+    """The opt-in far-tile variants (benchmarks/sweep_kernel.py) agree with the shipped kernel and the reference."""
+    from captum_implicit.ops import ssm_triton
+
+    attn = random_mamba_attention("cuda", **{**CASES[case], "channels": 3})
+    with blockwise(triton=False):
+        ref = kernel_outputs(attn)
+    shipped = kernel_outputs(attn)
+    for key, value in variant.items():
+        monkeypatch.setattr(ssm_triton, key, value)
+    fused = variant.get("FAR_PRODUCT") == "fused"
+    per_channel = attn.batch_size * attn.seq_len * 16 * (4 if fused else 1)  # n_pad = 16
+    # as shipped (reductions: one channel per program, dense: 3, a pair and the odd one); then one program per
+    # tile for the reductions too; then also 2 channels in a first launch, the third alone in a second
+    for setting in ({}, {"PROGRAMS": 1}, {"FACTOR_ELEMENTS": 2 * per_channel}):
+        for key, value in setting.items():
+            monkeypatch.setattr(ssm_triton, key, value)
+        compare_variant(kernel_outputs(attn), shipped, ref, exact=False)
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_attn_grad_same_with_and_without_kernel_on_hf_mamba():
     import transformers as tf
 
@@ -118,21 +200,78 @@ def test_attn_grad_same_with_and_without_kernel_on_hf_mamba():
     assert rel_err(fast, slow) <= BOUND
 
 
-def test_kernel_logic_in_triton_interpreter():
-    """CI has no GPU: run one small case of the kernel in Triton's CPU interpreter."""
-    pytest.importorskip("triton")
-    code = (
-        "import sys; sys.path.insert(0, 'tests'); import test_ssm_triton as t; "
-        "from captum_implicit.ops import ssm_triton; ssm_triton.BLOCK = 16; "  # 16-token tiles: far tiles exist
-        "a = t.random_mamba_attention('cpu', channels=3, length=40, state=3, batch=1); "
-        "t.compare_with_reference(a); "  # several channels per program (dense and reductions)
-        "ssm_triton.FAR_PRODUCT = 'register'; t.compare_with_reference(a); ssm_triton.FAR_PRODUCT = 'split'; "
-        "ssm_triton.FACTOR_ELEMENTS = 40 * 16; t.compare_with_reference(a); "  # one channel per launch
-        "huge = t.random_mamba_attention('cpu', channels=2, length=40, state=3, batch=1, rate_scale=1e4); "
-        "assert ssm_triton._block_for(huge.cum, huge.rate, 4, 40) is None; t.compare_with_reference(huge); "
-        "print('ok')"
-    )
+def _interpreter_case():
+    """Emulated TF32, 16-token tiles (far tiles exist), 3 channels, and the kernel module."""
+    from captum_implicit.ops import ssm_triton
+
+    emulate_tf32_in_interpreter()
+    ssm_triton.BLOCK = 16
+    return ssm_triton, random_mamba_attention("cpu", channels=3, length=40, state=3, batch=1)
+
+
+def interpreter_checks() -> None:
+    """The checks of :func:`test_kernel_logic_in_triton_interpreter`, run in a ``TRITON_INTERPRET=1`` process."""
+    ssm_triton, attn = _interpreter_case()
+    compare_with_reference(attn)  # several channels per program (dense and reductions)
+    # the emulation is live: one TF32 product misses float32 accuracy by far
+    with blockwise(triton=False):
+        ref_dense = attn.dense()
+    ssm_triton.FAR_PRODUCT, ssm_triton.PRODUCT = "register", "tf32"
+    assert rel_err(attn.dense(), ref_dense) > 1e-4
+    ssm_triton.PRODUCT = "tf32x3"
+    compare_with_reference(attn)
+    ssm_triton.FAR_PRODUCT = "split"
+    ssm_triton.FACTOR_ELEMENTS = 40 * 16  # one channel per launch
+    compare_with_reference(attn)
+    huge = random_mamba_attention("cpu", channels=2, length=40, state=3, batch=1, rate_scale=1e4)
+    assert ssm_triton._block_for(huge.cum, huge.rate, 4, 40) is None
+    compare_with_reference(huge)
+
+
+def interpreter_variant_checks() -> None:
+    """The checks of :func:`test_far_tile_variants_in_triton_interpreter` (``TRITON_INTERPRET=1`` process): the
+    3 channels in one program (a pair, then the odd one), then 2 + 1 over two launches; bit for bit where the
+    products are the shipped ones (only the loop or the launches differ)."""
+    ssm_triton, attn = _interpreter_case()
+    with blockwise(triton=False):
+        ref = kernel_outputs(attn)
+    shipped = kernel_outputs(attn)
+    shipped_settings = {key: getattr(ssm_triton, key) for key in ("FAR_PRODUCT", "FAR_UNROLL", "SEPARATE_FAR")}
+    for variant in FAR_VARIANTS:
+        for key, value in {**shipped_settings, **variant}.items():
+            setattr(ssm_triton, key, value)
+        fused = variant.get("FAR_PRODUCT") == "fused"
+        for elements in (1 << 28, 2 * 40 * 16 * (4 if fused else 1)):
+            ssm_triton.FACTOR_ELEMENTS = elements
+            compare_variant(kernel_outputs(attn), shipped, ref, exact=not fused)
+    # decays too fast for the pivoted near tiles: the per-entry form in the launch of the other tiles
+    # (slow in the interpreter: dense and Ā only)
+    huge = random_mamba_attention("cpu", channels=2, length=40, state=3, batch=1, rate_scale=1e4)
+    with blockwise(triton=False):
+        ref = kernel_outputs(huge, ["positive_sum"])
+    for key, value in shipped_settings.items():
+        setattr(ssm_triton, key, value)
+    shipped = kernel_outputs(huge, ["positive_sum"])
+    for key, value in FAR_VARIANTS[-1].items():
+        setattr(ssm_triton, key, value)
+    compare_variant(kernel_outputs(huge, ["positive_sum"]), shipped, ref, exact=False)
+
+
+def _run_in_interpreter(checks: str) -> None:
+    code = f"import sys; sys.path.insert(0, 'tests'); import test_ssm_triton as t; t.{checks}(); print('ok')"
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+def test_kernel_logic_in_triton_interpreter():
+    """CI has no GPU: run small cases of the kernel in Triton's CPU interpreter (TF32 products emulated)."""
+    pytest.importorskip("triton")
+    _run_in_interpreter("interpreter_checks")
+
+
+def test_far_tile_variants_in_triton_interpreter():
+    """The opt-in far-tile variants (benchmarks/sweep_kernel.py) in Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    _run_in_interpreter("interpreter_variant_checks")

@@ -23,6 +23,10 @@ use the row block's pivot when ``max |a| · (cum-span of a block and its halo)``
 :data:`MAX_EXPONENT` (float32 overflows at 88.7), and otherwise one exponential per entry and state
 (``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound. Differences of cumulative sums are taken in float64, the rest in float32 (``tl.dot`` in IEEE float32, no
 TF32), accumulation in float32.
+
+The far-tile loop has opt-in variants for ``benchmarks/sweep_kernel.py`` (:data:`FAR_PRODUCT` ``"fused"``,
+:data:`FAR_UNROLL`, :data:`SEPARATE_FAR`); ``benchmarks/kernel_resources.py`` shows their registers, spills and
+shared memory on sm_90 without a GPU.
 """
 
 from __future__ import annotations
@@ -47,9 +51,16 @@ BLOCK = 64
 PRODUCT = "tf32x3"
 NUM_WARPS = 4
 #: far tiles: "split" loads the right factor transposed and pre-split into TF32 high and low parts (three TF32
-#: products, the B operands straight from memory, software-pipelined over channels); "register" applies
-#: ``PRODUCT`` to factors held in registers
+#: products, the B operands straight from memory, software-pipelined over channels); "fused" does the same
+#: three products as ONE TF32 product of contraction 4·N (left operand interleaved in registers, right operand
+#: interleaved in memory, 4x the size of the split parts); "register" applies ``PRODUCT`` to factors held in
+#: registers
 FAR_PRODUCT = "split"
+#: far tiles: channels per loop iteration (1 or 2; 2 gives the scheduler two independent product chains)
+FAR_UNROLL = 1
+#: far tiles in a launch of their own, the other tiles in a second one: each compiles only its own loop, so the
+#: far loop's register allocation (hence occupancy) is not that of the tiles next to the diagonal
+SEPARATE_FAR = False
 #: software-pipelining stages of the channel loop
 NUM_STAGES = 4
 #: channels per program in dense mode (each writes its own tiles; more per program amortises the setup)
@@ -61,6 +72,7 @@ FACTOR_ELEMENTS = 1 << 28
 #: programs to aim for when splitting the channel reduction into groups
 PROGRAMS = 16 * 132
 MODES = {"dense": 0, "sum": 1, "abs": 2, "positive": 3, "max_abs": 4}
+FAR_CODES = {"register": 0, "split": 1, "fused": 2}
 
 
 def available(device: torch.device) -> bool:
@@ -90,6 +102,11 @@ if triton is not None:
         else:
             acc = tl.maximum(acc, tl.abs(m))
         return acc
+
+    @triton.jit
+    def _tile_ptrs(out_ptr, b, c, offs_t, offs_s, s_ob, s_oc, s_ot):
+        """Output addresses of channel ``c``'s tile (dense mode)."""
+        return out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
 
     @triton.jit
     def _tf32_high(x):
@@ -174,15 +191,149 @@ if triton is not None:
         return m
 
     @triton.jit
-    def _ssm_kernel(
-        out_ptr, tiles_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
+    def _far_tile(
+        q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+        b, c, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, L, C, N,
+        N_P: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, PRODUCT: tl.constexpr, FAR: tl.constexpr,
+    ):
+        """A tile left of the row block and of its conv halo: one rank-N product of the precomputed factors
+        (λ and ρ included). ``FAR``: 0 "register", 1 "split", 2 "fused" (see :data:`FAR_PRODUCT`)."""
+        base_bc = (b * C + c) * L
+        base_q = (b * c_count + lc) * L
+        rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
+        cum_p = tl.load(cum_ptr + base_bc + pivot, mask=pivot >= 0, other=0.0)
+        q = tl.load(q_ptr + (base_q + offs_t[:, None]) * N_P + offs_n[None, :], mask=mask_t[:, None], other=0.0)
+        # K'[s] carries e^{a (cum_{col_pivot} - cum_{s+j})}; move its pivot to the row block's (≤ 1)
+        cum_q = tl.load(cum_ptr + base_bc + col_pivot)
+        shift = tl.exp((cum_p - cum_q).to(tl.float32) * rate)
+        if FAR == 1:
+            # K'ᵀ (N_P, BS) in high and low TF32 parts; the shift moves to Q (it scales the contraction)
+            kt = base_q * N_P + offs_n[:, None] * L + offs_s[None, :]
+            kh = tl.load(kh_ptr + kt, mask=mask_s[None, :], other=0.0)
+            kl = tl.load(kl_ptr + kt, mask=mask_s[None, :], other=0.0)
+            qs = q * shift[None, :]
+            q_hi = _tf32_high(qs)
+            m = tl.dot(qs - q_hi, kh, input_precision="tf32")
+            m = tl.dot(q_hi, kl, m, input_precision="tf32")
+            m = tl.dot(q_hi, kh, m, input_precision="tf32")
+        elif FAR == 2:
+            # the same three TF32 products as one of contraction 4·N_P, so no product waits on another:
+            # rows 4n..4n+3 of the right factor (4·N_P, BS) are [kh_n, kl_n, kh_n, 0] (built by the host),
+            # columns 4n..4n+3 of the left one [q_lo_n, q_hi_n, q_hi_n, 0]. join adds a minor axis, so
+            # reshape(join(join(a, b), join(c, d))) lays out [a, c, b, d] per n (element (n, i, j) at 4n + 2i + j).
+            # The zero pads 3 to a power of two.
+            offs_f = tl.arange(0, 4 * N_P)
+            kf = tl.load(
+                kf_ptr + base_q * (4 * N_P) + offs_f[:, None] * L + offs_s[None, :], mask=mask_s[None, :], other=0.0
+            )
+            qs = q * shift[None, :]
+            q_hi = _tf32_high(qs)
+            # (BT, N_P, 2, 2), laid out [q_lo, q_hi, q_hi, 0] per n
+            pairs = tl.join(tl.join(qs - q_hi, q_hi), tl.join(q_hi, tl.zeros_like(qs)))
+            m = tl.dot(tl.reshape(pairs, (BT, 4 * N_P)), kf, input_precision="tf32")
+        else:
+            kk = tl.load(k_ptr + (base_q + offs_s[:, None]) * N_P + offs_n[None, :], mask=mask_s[:, None], other=0.0)
+            m = tl.dot(q, tl.trans(kk * shift[None, :]), input_precision=PRODUCT)
+        return m
+
+    @triton.jit
+    def _far_channels(
+        acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+        b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
+        L, C, N, s_ob, s_oc, s_ot,
+        N_P: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr, PRODUCT: tl.constexpr,
+        FAR: tl.constexpr, UNROLL: tl.constexpr,
+    ):
+        """Channels ``[lc0, lc1)`` of a far tile (see :func:`_far_tile`), emitted into ``acc``."""
+        if UNROLL == 2:
+            # two channels per iteration: two independent product chains the scheduler can overlap;
+            # emitted in channel order, so the result is the same as one channel per iteration
+            lc_pair_end = lc0 + tl.maximum(lc1 - lc0, 0) // 2 * 2  # clamped: // of negatives differs
+            for lc in range(lc0, lc_pair_end, 2):
+                m0 = _far_tile(
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, c_base + lc, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
+                )
+                m1 = _far_tile(
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, c_base + lc + 1, lc + 1, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
+                )
+                acc = _emit(
+                    acc, m0, _tile_ptrs(out_ptr, b, c_base + lc, offs_t, offs_s, s_ob, s_oc, s_ot), mask_ts, MODE
+                )
+                acc = _emit(
+                    acc, m1, _tile_ptrs(out_ptr, b, c_base + lc + 1, offs_t, offs_s, s_ob, s_oc, s_ot), mask_ts, MODE
+                )
+            if lc_pair_end < lc1:  # odd channel count: the last channel alone
+                m = _far_tile(
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, c_base + lc_pair_end, lc_pair_end, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
+                )
+                ptrs = _tile_ptrs(out_ptr, b, c_base + lc_pair_end, offs_t, offs_s, s_ob, s_oc, s_ot)
+                acc = _emit(acc, m, ptrs, mask_ts, MODE)
+        else:
+            for lc in range(lc0, lc1):
+                m = _far_tile(
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, c_base + lc, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
+                )
+                acc = _emit(
+                    acc, m, _tile_ptrs(out_ptr, b, c_base + lc, offs_t, offs_s, s_ob, s_oc, s_ot), mask_ts, MODE
+                )
+        return acc
+
+    @triton.jit
+    def _near_channels(
+        acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
         skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
+        b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
+        L, C, H, N, s_ob, s_oc, s_ot,
+        N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
+        HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
+        PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr,
+    ):
+        """Channels ``[lc0, lc1)`` of a tile touching the row block, emitted into ``acc``."""
+        for lc in range(lc0, lc1):
+            c = c_base + lc
+            base_bc = (b * C + c) * L
+            h = tl.load(head_ptr + c)
+            base_bh = (b * H + h) * L
+            if NEAR_EXACT:
+                m = _near_tile_exact(
+                    cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, col_ptr, w_ptr,
+                    base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
+                    N_P, K, BT, BS, HAS_SKIP, HAS_COL,
+                )
+                if HAS_LSC:
+                    m = m * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)[:, None]
+            else:
+                base_q = (b * c_count + lc) * L
+                m = _near_tile_pivoted(
+                    q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
+                    base_bc, base_bh, base_q, c, pivot, offs_t, offs_s, offs_n, mask_t, mask_n, L, N,
+                    N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL, PRODUCT,
+                )
+            if HAS_RSC:
+                m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
+            acc = _emit(acc, m, out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :], mask_ts, MODE)
+        return acc
+
+    @triton.jit
+    def _ssm_kernel(
+        out_ptr, tiles_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr,
+        head_ptr, skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
         L, C, H, N, c_base, c_count, ch_per_prog,
         s_ob, s_oc, s_ot,  # out strides (batch, channel|group, row); columns contiguous
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
-        ACCUMULATE: tl.constexpr, PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr, SPLIT: tl.constexpr,
+        ACCUMULATE: tl.constexpr, PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr, FAR: tl.constexpr,
+        UNROLL: tl.constexpr, TILES: tl.constexpr,
     ):
+        # TILES: 0 any tile, 1 only far tiles, 2 only the others (touching the row block, or above it)
         tile = tl.program_id(0)
         b = tl.program_id(1)
         grp = tl.program_id(2)
@@ -213,58 +364,36 @@ if triton is not None:
             else:
                 acc = tl.zeros((BT, BS), dtype=tl.float32)
             # far tiles (almost all) and the two next to the diagonal run separate branch-free loops, so the
-            # far loop's loads can be pipelined across channels
-            if far:
-                for lc in range(lc0, lc1):
-                    c = c_base + lc
-                    base_bc = (b * C + c) * L
-                    base_q = (b * c_count + lc) * L
-                    rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
-                    cum_p = tl.load(cum_ptr + base_bc + pivot, mask=pivot >= 0, other=0.0)
-                    q = tl.load(q_ptr + (base_q + offs_t[:, None]) * N_P + offs_n[None, :], mask=mask_t[:, None], other=0.0)
-                    # K'[s] carries e^{a (cum_{col_pivot} - cum_{s+j})}; move its pivot to the row block's (≤ 1)
-                    cum_q = tl.load(cum_ptr + base_bc + col_pivot)
-                    shift = tl.exp((cum_p - cum_q).to(tl.float32) * rate)
-                    if SPLIT:
-                        # K'ᵀ (N_P, BS) in high and low TF32 parts; the shift moves to Q (it scales the contraction)
-                        kt = base_q * N_P + offs_n[:, None] * L + offs_s[None, :]
-                        kh = tl.load(kh_ptr + kt, mask=mask_s[None, :], other=0.0)
-                        kl = tl.load(kl_ptr + kt, mask=mask_s[None, :], other=0.0)
-                        qs = q * shift[None, :]
-                        q_hi = _tf32_high(qs)
-                        m = tl.dot(qs - q_hi, kh, input_precision="tf32")
-                        m = tl.dot(q_hi, kl, m, input_precision="tf32")
-                        m = tl.dot(q_hi, kh, m, input_precision="tf32")
-                    else:
-                        kk = tl.load(
-                            k_ptr + (base_q + offs_s[:, None]) * N_P + offs_n[None, :], mask=mask_s[:, None], other=0.0
-                        )
-                        m = tl.dot(q, tl.trans(kk * shift[None, :]), input_precision=PRODUCT)
-                    acc = _emit(acc, m, out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :], mask_ts, MODE)
+            # far loop's loads can be pipelined across channels; a launch of only one kind compiles only its
+            # loop, so the far loop gets registers of its own (see SEPARATE_FAR)
+            if TILES == 1:
+                acc = _far_channels(
+                    acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, mask_ts, L, C, N, s_ob, s_oc, s_ot, N_P, BT, BS, MODE, PRODUCT, FAR, UNROLL,
+                )
+            elif TILES == 2:
+                acc = _near_channels(
+                    acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
+                    skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
+                    b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
+                    L, C, H, N, s_ob, s_oc, s_ot,
+                    N_P, K, BT, BS, MODE, HAS_SKIP, HAS_LSC, HAS_RSC, HAS_COL, PRODUCT, NEAR_EXACT,
+                )
+            elif far:
+                acc = _far_channels(
+                    acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
+                    mask_t, mask_s, mask_n, mask_ts, L, C, N, s_ob, s_oc, s_ot, N_P, BT, BS, MODE, PRODUCT, FAR, UNROLL,
+                )
             else:
-                for lc in range(lc0, lc1):
-                    c = c_base + lc
-                    base_bc = (b * C + c) * L
-                    h = tl.load(head_ptr + c)
-                    base_bh = (b * H + h) * L
-                    if NEAR_EXACT:
-                        m = _near_tile_exact(
-                            cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, col_ptr, w_ptr,
-                            base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
-                            N_P, K, BT, BS, HAS_SKIP, HAS_COL,
-                        )
-                        if HAS_LSC:
-                            m = m * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)[:, None]
-                    else:
-                        base_q = (b * c_count + lc) * L
-                        m = _near_tile_pivoted(
-                            q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
-                            base_bc, base_bh, base_q, c, pivot, offs_t, offs_s, offs_n, mask_t, mask_n, L, N,
-                            N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL, PRODUCT,
-                        )
-                    if HAS_RSC:
-                        m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
-                    acc = _emit(acc, m, out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :], mask_ts, MODE)
+                acc = _near_channels(
+                    acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
+                    skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
+                    b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
+                    L, C, H, N, s_ob, s_oc, s_ot,
+                    N_P, K, BT, BS, MODE, HAS_SKIP, HAS_LSC, HAS_RSC, HAS_COL, PRODUCT, NEAR_EXACT,
+                )
             if MODE != 0:
                 tl.store(out_tile, acc, mask=mask_ts)
 
@@ -390,8 +519,17 @@ def ssm_kernel(
     num_blocks = math.ceil(length / block)
     dense = mode == "dense"
     tiles = _tiles(num_blocks, dense, device)
-    # channels per launch: the precomputed factors are two (b, c, L, n_pad) float32 tensors
-    chunk = max(1, min(nch, FACTOR_ELEMENTS // (bsz * length * n_pad)))
+    if SEPARATE_FAR:  # far: the columns and their conv halo end before the row block (as in the kernel)
+        far = tiles[:, 1] * block + block - 1 + taps - 1 <= tiles[:, 0] * block - 1
+        launches = [(kind, part.contiguous()) for kind, part in ((1, tiles[far]), (2, tiles[~far])) if len(part)]
+    else:
+        launches = [(0, tiles)]
+    if FAR_PRODUCT not in FAR_CODES or FAR_UNROLL not in (1, 2):
+        raise ValueError(f"FAR_PRODUCT={FAR_PRODUCT!r}, FAR_UNROLL={FAR_UNROLL!r}: unknown far-tile variant")
+    fused = FAR_PRODUCT == "fused"
+    # channels per launch: the precomputed factors are (b, c, L, n_pad) float32 tensors, the fused right
+    # factor 4x that: no one tensor exceeds FACTOR_ELEMENTS
+    chunk = max(1, min(nch, FACTOR_ELEMENTS // (bsz * length * n_pad * (4 if fused else 1))))
     if dense:
         groups, per_prog = chunk, max(1, min(DENSE_CHANNELS, chunk))
         out = torch.empty(bsz, nch, length, length, dtype=f32, device=device)
@@ -409,27 +547,30 @@ def ssm_kernel(
             ch, block, n_pad, cum=cum, rate=rate, read=read, write=write, ws=ws, head_of=head_of.long(),
             lsc=lsc, col=col, rsc=rsc, weight=weight,
         )
-        split = FAR_PRODUCT == "split"
-        if split:  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared) and the exact rest
+        kh = kl = kf = dummy
+        if FAR_PRODUCT != "register":  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared), exact rest
             kt = k.transpose(-1, -2).contiguous()
             kh = (kt.view(torch.int32) & -8192).view(torch.float32)
             kl = kt - kh
             del kt
-        else:
+        if fused:  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
+            kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
             kh = kl = dummy
-        grid = (tiles.shape[0], bsz, math.ceil(count / per_prog) if dense else groups)
-        _ssm_kernel[grid](
-            out, tiles, q, k, kh, kl, cum, rate, read, write, ws, head_of,
-            skip if skip is not None else dummy, lsc if lsc is not None else dummy,
-            rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
-            length, nch, nheads, nstate, c0, count, per_prog,
-            out.stride(0), out.stride(1), out.stride(2),
-            N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
-            HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
-            HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT, NEAR_EXACT=near_exact or FORCE_NEAR_EXACT,
-            SPLIT=split, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-        )
-        del q, k, kh, kl
+        for kind, part in launches:  # each tile belongs to exactly one launch: no two write the same output
+            grid = (part.shape[0], bsz, math.ceil(count / per_prog) if dense else groups)
+            _ssm_kernel[grid](
+                out, part, q, k, kh, kl, kf, cum, rate, read, write, ws, head_of,
+                skip if skip is not None else dummy, lsc if lsc is not None else dummy,
+                rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
+                length, nch, nheads, nstate, c0, count, per_prog,
+                out.stride(0), out.stride(1), out.stride(2),
+                N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
+                HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
+                HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT,
+                NEAR_EXACT=near_exact or FORCE_NEAR_EXACT, FAR=FAR_CODES[FAR_PRODUCT], UNROLL=FAR_UNROLL, TILES=kind,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+            )
+        del q, k, kh, kl, kf
     if dense:
         return out
     if mode == "max_abs":
