@@ -15,6 +15,8 @@ settings.register_profile(
     "ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
 settings.register_profile("dev", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# a deeper search to run now and then (HYPOTHESIS_PROFILE=thorough): 6x the CI profile's examples, random seeds
+settings.register_profile("thorough", max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 if os.environ.get("CAPTUM_IMPLICIT_FIRST_TRITON_CONFIG") == "1":
