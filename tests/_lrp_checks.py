@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, GatedLinearRules, LRPError, is_canonized
+from captum_implicit.lrp.canonizers import find_lrp_form
 from conftest import rel_err
 
 CONSERVE = 1e-8  # relative, float64, biases zero
@@ -155,13 +156,17 @@ def assert_restored(model: nn.Module, before: dict) -> None:
     assert not any(is_canonized(m) for m in model.modules())
 
 
-def check_restored_after_context(model: nn.Module, ids: torch.Tensor, composite=None) -> None:
+def check_restored_after_context(model: nn.Module, ids: torch.Tensor, composite=None,
+                                 logits: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None) -> None:
     """The model is restored (parameters bit for bit, hooks, forwards, modes) after a composite context with a
-    backward, and after an exception raised inside the context."""
+    backward, and after an exception raised inside the context. ``logits(model, ids)``: how to call the model
+    (default: an HF causal LM without a cache)."""
     composite = composite if composite is not None else GatedLinearComposite()
+    logits = logits if logits is not None else (lambda m, x: m(x, use_cache=False).logits)
     before = model_state(model)
     with composite.context(model):
-        model(ids, use_cache=False).logits.sum().backward()
+        assert all(is_canonized(m) for m in model.modules() if find_lrp_form(m) is not None)
+        logits(model, ids).sum().backward()
     model.zero_grad(set_to_none=True)
     assert_restored(model, before)
     with pytest.raises(RuntimeError, match="boom"):

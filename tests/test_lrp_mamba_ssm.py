@@ -33,7 +33,9 @@ from captum_implicit.lrp.canonizers import find_lrp_form  # noqa: E402
 from conftest import rel_err, requires_cuda  # noqa: E402
 from test_lrp import tiny_mamba  # noqa: E402
 from test_lrp_families import VOCAB, tiny_mamba2  # noqa: E402
-from _lrp_checks import CONSERVE, FLOAT32, assert_restored, model_state, rel_conservation  # noqa: E402
+from _lrp_checks import (  # noqa: E402
+    CONSERVE, FLOAT32, assert_restored, check_restored_after_context, model_state, rel_conservation,
+)
 
 # mamba-ssm's SSD Triton kernels leave tl.dot's float32 precision to Triton's default, TF32 on Hopper (~1e-3);
 # in IEEE mode they compute in float32, and the forms' float32 torch arithmetic agrees to float32 rounding
@@ -267,16 +269,8 @@ def test_ablation(case, rule):
 def test_model_restored_and_refusals():
     model = stand_in(_hf("mamba2", seed=2), fused=True, residual_in_fp32=True)
     ids = _ids(2, 7, 2)
+    check_restored_after_context(model, ids, logits=lambda m, x: m(x).logits)
     before = model_state(model)
-    with GatedLinearComposite().context(model):
-        assert all(is_canonized(m) for m in model.modules() if find_lrp_form(m) is not None)
-        model(ids).logits.sum().backward()
-    model.zero_grad(set_to_none=True)
-    assert_restored(model, before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with GatedLinearComposite().context(model):
-            raise RuntimeError("boom")
-    assert_restored(model, before)
     mixer = model.backbone.layers[0].mixer
     with GatedLinearComposite().context(model):
         with pytest.raises(LRPError, match="packed"):
@@ -396,16 +390,8 @@ def test_gpu_ablation_and_model_unchanged(layer):
     was (parameters bit for bit, hooks, forwards), after a backward and after an exception."""
     model = _real(layer, fused=True, residual_in_fp32=True)
     ids, target = _gpu_ids(2, 40, 3), torch.tensor([1, 2], device="cuda")
-    before = model_state(model)
     ref = model(ids).logits.detach()
-    with GatedLinearComposite().context(model):
-        model(ids).logits.sum().backward()
-    model.zero_grad(set_to_none=True)
-    assert_restored(model, before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with GatedLinearComposite().context(model):
-            raise RuntimeError("boom")
-    assert_restored(model, before)
+    check_restored_after_context(model, ids, logits=lambda m, x: m(x).logits)
     assert torch.equal(model(ids).logits, ref)  # the real forward (kernels) again, bit for bit
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -37,7 +37,9 @@ from captum_implicit.lrp import GatedLinearComposite, GatedLinearRules, LRPError
 from captum_implicit.lrp.canonizers import find_lrp_form, mixers_without_lrp_form  # noqa: E402
 
 from conftest import OutputRecorder, rel_err, requires_cuda  # noqa: E402
-from _lrp_checks import CONSERVE, FLOAT32, assert_restored, model_state, rel_conservation  # noqa: E402
+from _lrp_checks import (  # noqa: E402
+    CONSERVE, FLOAT32, assert_restored, check_restored_after_context, model_state, rel_conservation,
+)
 from test_lrp_mamba_ssm import relevance  # noqa: E402
 
 EXAMPLES = min(settings().max_examples, 6)
@@ -586,16 +588,7 @@ def test_bias_absorption():
 def test_model_restored_and_cache():
     model = hybrid(ATTN, zero_biases=True)
     ids = _ids(2, 7, 2)
-    before = model_state(model)
-    with GatedLinearComposite().context(model):
-        assert all(is_canonized(m) for m in model.modules() if find_lrp_form(m) is not None)
-        model(ids).logits.sum().backward()
-    model.zero_grad(set_to_none=True)
-    assert_restored(model, before)
-    with pytest.raises(RuntimeError, match="boom"):
-        with GatedLinearComposite().context(model):
-            raise RuntimeError("boom")
-    assert_restored(model, before)
+    check_restored_after_context(model, ids, logits=lambda m, x: m(x).logits)
     # MHA alone: a first call with inference_params fills the kv cache and conv state as the module does;
     # a continuation is refused
     mha = make_mha(heads=4, heads_kv=2, head_dim=4, d_conv=3, rotary=4, seed=7)
