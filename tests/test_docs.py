@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,3 +44,16 @@ def test_recipe_index_links_exist():
     index = ROOT / "docs" / "recipes" / "README.md"
     for target in re.findall(r"\]\(([^)#]+)\)", index.read_text()):
         assert (index.parent / target).exists(), f"docs/recipes/README.md links to missing {target}"
+
+
+def test_gpu_script_covers_every_gpu_test_file():
+    """scripts/gpu_tests.sh runs the GPU tests in parts: every test file with a gpu-marked test is in one part."""
+    script = (ROOT / "scripts" / "gpu_tests.sh").read_text()
+    listed = set(re.findall(r"tests/(test_\w+\.py)", script))
+    # a decorator, a module-level pytestmark, or a parameter's marks
+    gpu_mark = re.compile(r"^@pytest\.mark\.gpu\b|^pytestmark = .*pytest\.mark\.gpu|marks=\[pytest\.mark\.gpu\]", re.M)
+    marked = {p.name for p in (ROOT / "tests").glob("test_*.py")
+              if p.name != Path(__file__).name and gpu_mark.search(p.read_text())}
+    assert marked, "no gpu-marked test file found"
+    assert marked <= listed, f"not in scripts/gpu_tests.sh: {sorted(marked - listed)}"
+    assert listed <= {p.name for p in (ROOT / "tests").glob("test_*.py")}, "gpu_tests.sh names a missing file"
