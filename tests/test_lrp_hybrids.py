@@ -266,3 +266,26 @@ def test_qwen3_next_across_hf_chunks():
     ids = torch.randint(1, VOCAB, (1, 70), generator=torch.Generator().manual_seed(9))
     R, f, _ = relevance(model, ids, torch.tensor([4]))
     assert rel_conservation(R, f) <= CONSERVE
+
+
+def test_forms_use_the_torch_kernel_where_transformers_bound_a_gpu_one(monkeypatch):
+    """With fla importable transformers binds fla's Triton delta rule (a kernel-hub wrapper that keeps the torch
+    function in its closure), which fails on CPU tensors. The form must take the torch function on CPU: here the
+    wrapper's implementation raises, as fla's does without a GPU; the plain forward fails, the composite does not."""
+    import transformers.models.qwen3_next.modeling_qwen3_next as hf
+
+    def hub_wrapper(torch_function):
+        def implementation(*args, **kwargs):
+            raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+        def wrapped(*args, **kwargs):  # the closure transformers' hub kernels leave: implementation, torch_function
+            return implementation(*args, **kwargs) if implementation is not None else torch_function(*args, **kwargs)
+
+        return wrapped
+
+    monkeypatch.setattr(hf, "torch_chunk_gated_delta_rule", hub_wrapper(hf.torch_chunk_gated_delta_rule))
+    model = tiny_qwen3_next(seed=2)
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(RuntimeError, match="active drivers"):
+        model(ids, use_cache=False)
+    check_conservation(model, ids, torch.tensor([1, 2]))

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..core.capture import torch_fallback_of
 from .canonizers import GatedLinearRules, LRPError
 from .primitives import cast_rule, identity_rule, proportional, round_rule, stop_gradient
 
@@ -192,6 +193,8 @@ def held_delta_rule(
     :func:`exact_region`. Returns the core output and the kernel's final state (``None`` unless ``keep_state``).
     """
     query, key, beta, g = (hold(t, rules.detach_ssm) for t in (query, key, beta, g))
+    if not value.is_cuda:  # with fla importable, transformers binds fla's Triton kernel, which fails on CPU tensors
+        kernel = torch_fallback_of(kernel) or kernel
     final: list[Tensor | None] = []
 
     def region(compute_dtype: torch.dtype) -> Tensor:
