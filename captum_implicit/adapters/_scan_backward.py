@@ -21,47 +21,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from ..ops.hf_scans import mamba_selective_scan_unbound
+
 _NAMES = ("hidden_states", "dt", "A", "B", "C", "D", "z", "delta_bias")
-
-
-def _scan(
-    hidden_states: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None,
-    z: Tensor | None,
-    delta_bias: Tensor | None,
-    delta_softplus: bool,
-) -> tuple[Tensor, Tensor]:
-    """transformers 5.x ``mamba_selective_scan``'s recurrent path (same operations, same order),
-    reading the tokens through one ``unbind`` instead of one index per token; ``(output, last state)``."""
-    batch_size, intermediate_size, _ = hidden_states.shape
-    input_dtype = hidden_states.dtype
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(dt.dtype)[..., None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    B = B.transpose(1, 2)
-    C = C.transpose(1, 2)
-    discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
-    discrete_B = dt[:, :, :, None] * B[:, None, :, :].float()
-    deltaB_u = discrete_B * hidden_states[:, :, :, None].float()
-    ssm_state = torch.zeros(batch_size, intermediate_size, A.shape[-1], dtype=input_dtype, device=hidden_states.device)
-    outputs = []
-    for a_t, bu_t, c_t in zip(discrete_A.unbind(2), deltaB_u.unbind(2), C.unbind(1), strict=True):
-        ssm_state = a_t * ssm_state + bu_t
-        outputs.append(torch.matmul(ssm_state.to(input_dtype), c_t.unsqueeze(-1))[:, :, 0])
-    scan_output = torch.stack(outputs, dim=-1)
-    if D is not None:
-        scan_output = scan_output + hidden_states * D[None, :, None]
-    if z is not None:
-        scan_output = scan_output * F.silu(z)
-    return scan_output, ssm_state
 
 
 class _LinearBackwardScan(torch.autograd.Function):
@@ -82,7 +46,9 @@ class _LinearBackwardScan(torch.autograd.Function):
         wanted = [t for t, n in zip(leaves, needs, strict=True) if n and t is not None]
         with torch.enable_grad():
             kwargs = dict(zip(_NAMES, leaves, strict=True))
-            results = _scan(**kwargs, delta_softplus=bool(ctx.flags.get("delta_softplus", False)))
+            results = mamba_selective_scan_unbound(
+                **kwargs, delta_softplus=bool(ctx.flags.get("delta_softplus", False)), return_last_state=True
+            )
             if not all(torch.equal(r.detach(), o) for r, o in zip(results, ctx.results, strict=True)):
                 # other arithmetic than we mirror: differentiate the fallback itself
                 results = ctx.fallback(**ctx.flags, **kwargs, return_last_state=True)

@@ -14,32 +14,8 @@ import contextlib
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
-
-def _mamba_selective_scan(hidden_states, dt, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                          return_last_state=False, **kwargs):
-    """HF ``mamba_selective_scan`` (sequential branch). hidden_states, dt, z: (b, d, L); B, C: (b, N, L)."""
-    batch_size, intermediate_size, _ = hidden_states.shape
-    input_dtype = hidden_states.dtype
-    if delta_bias is not None:
-        dt = dt + delta_bias.to(dt.dtype)[..., None]
-    if delta_softplus:
-        dt = F.softplus(dt)
-    B, C = B.transpose(1, 2), C.transpose(1, 2)
-    discrete_A = torch.exp(A[None, :, None, :] * dt[:, :, :, None])
-    deltaB_u = dt[:, :, :, None] * B[:, None, :, :].float() * hidden_states[:, :, :, None].float()
-    ssm_state = torch.zeros(batch_size, intermediate_size, A.shape[-1], dtype=input_dtype, device=hidden_states.device)
-    outs = []
-    for a, bu, c in zip(discrete_A.unbind(2), deltaB_u.unbind(2), C.unbind(1)):
-        ssm_state = a * ssm_state + bu
-        outs.append(torch.matmul(ssm_state.to(input_dtype), c.unsqueeze(-1))[:, :, 0])
-    scan_output = torch.stack(outs, dim=-1)
-    if D is not None:
-        scan_output = scan_output + hidden_states * D[None, :, None]
-    if z is not None:
-        scan_output = scan_output * F.silu(z)
-    return (scan_output, ssm_state) if return_last_state else scan_output
+from ..ops.hf_scans import mamba_selective_scan_unbound
 
 
 def _rwkv_linear_attention(time_decay, time_first, key, value, state=None, return_state=False):
@@ -100,7 +76,7 @@ def fast_recurrences() -> Iterator[None]:
              (rglru, "_rnn_scan", rglru.__dict__["_rnn_scan"])]
     _GRIFFIN_ORIGINAL = rglru.__dict__["_rnn_scan"]
     try:
-        modeling_mamba.mamba_selective_scan = _mamba_selective_scan
+        modeling_mamba.mamba_selective_scan = mamba_selective_scan_unbound
         modeling_rwkv.rwkv_linear_attention_cpu = _rwkv_linear_attention
         rglru._rnn_scan = _griffin_rnn_scan
         yield
