@@ -8,8 +8,6 @@ kernels. Skipped when ``fla`` is absent (optional extra ``fla``; see docs/suppor
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,9 +19,8 @@ from captum_implicit.layers.gla import GLAAttention, build_gla_attention, gla_ma
 from conftest import assert_views_match_dense, rel_err, requires_cuda
 
 fla = pytest.importorskip("fla")
-# fla's kernels leave tl.dot's float32 precision to Triton's default, TF32 on Hopper (10-bit mantissa, ~1e-3);
-# in IEEE mode they compute in float32, so the exact closed form must match them to float32 rounding
-os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+# GPU runs put fla's float32 kernels in IEEE mode (tests/conftest.py::_fla_in_full_float32; Triton's TF32 default
+# gives ~1e-3), so the exact closed form must match them to float32 rounding
 
 from fla.ops.delta_rule.naive import delta_rule_recurrence  # noqa: E402
 from fla.ops.gla.naive import naive_recurrent_gla  # noqa: E402
@@ -165,7 +162,7 @@ def _cuda(f: dict) -> dict:
     return {k: v.cuda() for k, v in f.items()}
 
 
-# fla's kernels in IEEE mode (TRITON_F32_DEFAULT=ieee, set at the top): float32 rounding
+# fla's kernels in IEEE mode (tests/conftest.py): float32 rounding
 GPU_BOUND = 1e-4
 
 

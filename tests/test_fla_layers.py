@@ -278,7 +278,7 @@ def test_package_imports_without_fla():
 
 
 # ---------------------------------------------------------------- GPU: fla's real Triton kernels, nothing routed
-# float32: fla's kernels in IEEE mode (TRITON_F32_DEFAULT=ieee, set at the top): float32 rounding.
+# float32: fla's kernels in IEEE mode (tests/conftest.py::_fla_in_full_float32): float32 rounding.
 # bfloat16: the kernel output, the norm output and the gate are each rounded to bf16 (2^-8 ≈ 4e-3 relative)
 # before o_proj, while the closed form runs in float32/float64 from the bf16 kernel inputs: ~1e-2.
 GPU_BOUNDS = {torch.float32: 1e-4, torch.bfloat16: 3e-2}

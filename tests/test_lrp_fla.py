@@ -10,7 +10,6 @@ conservation on CPU, and for values against fla's Triton conv in the GPU test. S
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 
 import pytest
@@ -21,7 +20,6 @@ from torch import nn
 
 pytest.importorskip("zennit")
 fla = pytest.importorskip("fla")
-os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")  # GPU: fla's kernels in IEEE float32 (see test_fla_layers)
 
 import fla.layers as fl  # noqa: E402
 from fla.modules import RMSNorm  # noqa: E402

@@ -7,8 +7,6 @@ Target logit: the ``lm_head`` output where the model's logits are not float64 (`
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -28,9 +26,6 @@ from _lrp_checks import check_conservation, check_conservation_float32, check_re
 from _lrp_checks import draw_target_and_mask, left_padded, rel_conservation, relevance  # noqa: E402
 from test_mamba2 import _model  # noqa: E402
 
-# mamba-ssm's Triton kernels (the model's own forward on CUDA) leave tl.dot's float32 precision to Triton's default,
-# TF32 on Hopper (~1e-3); in IEEE mode they compute in float32 (see test_gpu_canonized_model)
-os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 EXAMPLES = min(settings().max_examples, 6)
 VOCAB = 128  # _model's vocabulary
@@ -256,7 +251,7 @@ def test_gpu_canonized_model(kind):
     spread-weight models amplify rounding a lot: 1e-7 relative noise on Zamba2's first mixer output moves its
     logits by 2e-4 (FalconH1: 2e-7), so 5.17's torch scan alone gives 9e-2 on ``zamba2_adapters`` (CPU, measured).
     Per module that amplification is absent. mamba-ssm's kernels feed float32 operands to ``tl.dot``, TF32 on
-    Hopper unless ``TRITON_F32_DEFAULT=ieee`` (set at the top, as for fla); L = 40 crosses the 16-token SSD chunk
+    Hopper unless ``TRITON_F32_DEFAULT=ieee`` (set by tests/conftest.py for GPU runs); L = 40 crosses the 16-token SSD chunk
     twice."""
     model = build(kind, seed=8, dtype=torch.float32).cuda()
     ids = _ids(2, 40, 8).cuda()

@@ -13,8 +13,6 @@ mamba-ssm).
 from __future__ import annotations
 
 import collections
-import os
-
 import importlib.util
 
 import pytest
@@ -37,9 +35,8 @@ from _lrp_checks import (  # noqa: E402
     CONSERVE, FLOAT32, assert_restored, check_restored_after_context, model_state, rel_conservation,
 )
 
-# mamba-ssm's SSD Triton kernels leave tl.dot's float32 precision to Triton's default, TF32 on Hopper (~1e-3);
-# in IEEE mode they compute in float32, and the forms' float32 torch arithmetic agrees to float32 rounding
-os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+# GPU runs: mamba-ssm's SSD Triton dots in IEEE float32 and cuDNN / matmul TF32 off (tests/conftest.py), so the
+# forms' float32 torch arithmetic agrees with the kernels to float32 rounding (with TF32 expect ~1e-3)
 
 EXAMPLES = min(settings().max_examples, 6)
 Output = collections.namedtuple("CausalLMOutput", ["logits"])
@@ -315,16 +312,6 @@ def _real(layer: str, fused: bool, residual_in_fp32: bool, mlp: bool = False, se
     return model
 
 
-@pytest.fixture
-def ieee_float32():
-    """True float32 in torch's CUDA convolutions and matmuls (the forms' conv1d could otherwise take a cuDNN TF32
-    algorithm; causal-conv1d and the selective scan are float32 FMA)."""
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
 def _gpu_ids(batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(seed)).cuda()
 
@@ -345,10 +332,10 @@ GPU_CASES = [  # (layer, fused_add_norm, residual_in_fp32, mlp, extra ssm_cfg)
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("layer, fused, fp32, mlp, ssm", GPU_CASES)
-def test_gpu_logits_equal_real_model(layer, fused, fp32, mlp, ssm, ieee_float32):
+def test_gpu_logits_equal_real_model(layer, fused, fp32, mlp, ssm):
     """Under the composite (pure torch, float32) the logits are the real model's (CUDA selective scan / Triton SSD,
     causal-conv1d, Triton fused add + norm) to float32 rounding: ≤ 1e-4 relative to the largest logit (SSD dots in
-    IEEE float32, see TRITON_F32_DEFAULT above; with TF32 expect ~1e-3). Every mamba-ssm module runs its form."""
+    IEEE float32 and TF32 off, see the top; with TF32 expect ~1e-3). Every mamba-ssm module runs its form."""
     model = _real(layer, fused, fp32, mlp, **ssm)
     ids = _gpu_ids(2, 100, 1)
     with torch.no_grad():
@@ -364,7 +351,7 @@ def test_gpu_logits_equal_real_model(layer, fused, fp32, mlp, ssm, ieee_float32)
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("layer, fused, fp32, mlp, ssm", GPU_CASES)
-def test_gpu_conservation(layer, fused, fp32, mlp, ssm, ieee_float32):
+def test_gpu_conservation(layer, fused, fp32, mlp, ssm):
     """float64, biases zero: Σ R = f ≤ 1e-8 relative. mamba-ssm's kernels refuse float64, but under the composite no
     kernel runs (every module of the model has a pure-torch form, the rest is embedding / Linear / Conv1d), so the
     model converted with ``.double()`` runs there; its plain forward is never called. float32: ≤ 1e-4."""
@@ -406,7 +393,7 @@ def test_gpu_ablation_and_model_unchanged(layer):
 
 @pytest.mark.gpu
 @requires_cuda
-def test_gpu_cache_filled_on_first_call_and_continuation_refused(ieee_float32):
+def test_gpu_cache_filled_on_first_call_and_continuation_refused():
     """A first call with ``inference_params`` fills the conv / SSM states as the real model does; continuing from
     them is refused."""
     pytest.importorskip("mamba_ssm")

@@ -40,7 +40,7 @@ from conftest import OutputRecorder, rel_err, requires_cuda  # noqa: E402
 from _lrp_checks import (  # noqa: E402
     CONSERVE, FLOAT32, assert_restored, check_restored_after_context, model_state, rel_conservation,
 )
-from test_lrp_mamba_ssm import relevance  # noqa: E402
+from test_lrp_mamba_ssm import _gpu_ids, relevance  # noqa: E402
 
 EXAMPLES = min(settings().max_examples, 6)
 VOCAB = 24
@@ -638,22 +638,10 @@ def _real(attn_cfg: dict, layer: str = "Mamba1", seed: int = 0):
     return MambaLMHeadModel(cfg, device="cuda", dtype=torch.float32).eval()
 
 
-@pytest.fixture
-def ieee_float32():
-    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def _gpu_ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(seed)).cuda()
-
-
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("attn_cfg", GPU_ATTN)
-def test_gpu_capture_exact(attn_cfg, ieee_float32):
+def test_gpu_capture_exact(attn_cfg):
     """Every layer of the real model, MHA included (SDPA's CUDA kernels, causal-conv1d over qkv when installed),
     in forward order: ``output()`` = the real out_proj input ≤ 1e-4 (float32)."""
     model = _real(attn_cfg)
@@ -669,10 +657,10 @@ def test_gpu_capture_exact(attn_cfg, ieee_float32):
 @requires_cuda
 @pytest.mark.parametrize("attn_cfg", GPU_ATTN)
 @pytest.mark.parametrize("layer", ["Mamba1", "Mamba2"])
-def test_gpu_lrp_logits_and_conservation(attn_cfg, layer, ieee_float32):
+def test_gpu_lrp_logits_and_conservation(attn_cfg, layer):
     """Under the composite the logits are the real model's ≤ 1e-4 (TF32 off); float64 (pure-torch forms, biases
     zero) conserves ≤ 1e-8; the model is left as it was."""
-    # Mamba2's SSD dots in IEEE float32: TRITON_F32_DEFAULT=ieee, set by test_lrp_mamba_ssm (imported above)
+    # Mamba2's SSD dots in IEEE float32, TF32 off: tests/conftest.py sets both for GPU runs
     model = _real(attn_cfg, layer)
     ids, target = _gpu_ids(2, 70, 2), torch.tensor([3, 7], device="cuda")
     before = model_state(model)
