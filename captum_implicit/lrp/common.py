@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..core.capture import torch_fallback_of
 from .canonizers import GatedLinearRules, LRPError
@@ -177,6 +177,13 @@ def exact_region(
         value = fn(narrow)
     relevance = fn(wide)
     return proportional(relevance, value.to(relevance.dtype))
+
+
+def project_heads(module: nn.Module, hidden_states: Tensor, *projections: str) -> tuple[Tensor, ...]:
+    """``module.<projection>(hidden_states)`` split into heads, as HF's attention layers do:
+    (b, L, H) -> (b, heads, L, ``module.head_dim``) per projection name (e.g. ``"q_proj", "k_proj", "v_proj"``)."""
+    shape = (*hidden_states.shape[:-1], -1, module.head_dim)
+    return tuple(getattr(module, name)(hidden_states).view(shape).transpose(1, 2) for name in projections)
 
 
 def held_delta_rule(

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, held_softmax_attention, hold, mask_padding, refuse_cached_state
+from .common import act, held_softmax_attention, hold, mask_padding, project_heads, refuse_cached_state
 from .mamba import _conv_is_causal, rms_norm_lrp, selective_scan_lrp
 from .qwen3_next import qwen3_next_experts_lrp
 from .recurrent_gemma import rg_mlp_lrp
@@ -97,10 +97,7 @@ def jamba_attention_lrp(
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, module.head_dim)
-    query = module.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = project_heads(module, hidden_states, "q_proj", "k_proj", "v_proj")
     out, weights = held_softmax_attention(
         module, rules, query, key, value, attention_mask, cache, kwargs, eager_attention_forward
     )

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, cast, held_softmax_attention, hold
+from .common import act, cast, held_softmax_attention, hold, project_heads
 from .jamba import jamba_moe_lrp
 from .mamba import rms_norm_lrp
 from .mamba2 import mamba2_mixer_lrp
@@ -66,12 +66,9 @@ def softmax_attention_lrp(
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, module.head_dim)
-    query = module.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = project_heads(module, hidden_states, "q_proj", "k_proj", "v_proj")
     if getattr(module, "key_multiplier", None) is not None:
         key = key * module.key_multiplier
-    value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     if position_embeddings is not None:
         cos, sin = position_embeddings
         query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, held_softmax_attention, hold, mask_padding
+from .common import act, held_softmax_attention, hold, mask_padding, project_heads
 from .mamba import rms_norm_lrp
 from .primitives import uniform_rule
 from .qwen3_next import qwen3_next_experts_lrp
@@ -123,10 +123,7 @@ def minimax_attention_lrp(
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, module.head_dim)
-    query = module.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = project_heads(module, hidden_states, "q_proj", "k_proj", "v_proj")
     cos, sin = position_embeddings
     query, key = hf.apply_rotary_pos_emb(query, key, cos, sin)
     out, weights = held_softmax_attention(

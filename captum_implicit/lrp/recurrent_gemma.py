@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, exact_region, held_softmax_attention, hold
+from .common import act, cast, exact_region, held_softmax_attention, hold, project_heads
 from .primitives import proportional, uniform_rule
 
 _HF = "transformers.models.recurrent_gemma.modeling_recurrent_gemma"
@@ -178,10 +178,7 @@ def rg_attention_lrp(
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     input_shape = hidden_states.shape[:-1]
-    hidden_shape = (*input_shape, -1, module.head_dim)
-    query = module.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    key = module.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    value = module.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    query, key, value = project_heads(module, hidden_states, "q_proj", "k_proj", "v_proj")
     cos, sin = module.rotary_emb(value, position_ids)
     query, key = apply_rotary_pos_emb(query, key, cos, sin)
     out, weights = held_softmax_attention(
