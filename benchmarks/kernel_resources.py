@@ -79,7 +79,8 @@ def main() -> None:
     a = p.parse_args()
     mode = ssm_triton.MODES["dense" if a.dense else "positive"]
     for variant in VARIANTS:
-        kinds = {1: "far tiles", 2: "other tiles"} if variant.get("SEPARATE_FAR") else {0: "all tiles"}
+        separate = (not a.dense) if variant.get("SEPARATE_FAR") is None else variant["SEPARATE_FAR"]
+        kinds = {1: "far tiles", 2: "other tiles"} if separate else {0: "all tiles"}
         changed = {k: v for k, v in variant.items() if VARIANTS[0].get(k) != v} or "shipped"
         for tiles, what in kinds.items():
             try:

@@ -77,6 +77,7 @@ FAR_VARIANTS = [
     dict(FAR_UNROLL=2),
     dict(FAR_PRODUCT="fused", FAR_UNROLL=2),
     dict(SEPARATE_FAR=True),
+    dict(SEPARATE_FAR=False),  # the shipped default (None) splits the launches for the reductions only
     dict(SEPARATE_FAR=True, FAR_PRODUCT="fused", FAR_UNROLL=2),
 ]
 #: a variant against the shipped kernel: the same TF32 products, summed in another float32 order

@@ -59,8 +59,10 @@ FAR_PRODUCT = "split"
 #: far tiles: channels per loop iteration (1 or 2; 2 gives the scheduler two independent product chains)
 FAR_UNROLL = 1
 #: far tiles in a launch of their own, the other tiles in a second one: each compiles only its own loop, so the
-#: far loop's register allocation (hence occupancy) is not that of the tiles next to the diagonal
-SEPARATE_FAR = False
+#: far loop's register allocation (hence occupancy) is not that of the tiles next to the diagonal. ``None``: two
+#: launches for the reductions, one for dense (H200, 130m layer: Ā at L = 4096 0.041 s instead of 0.048 s;
+#: ``dense()`` at L = 1024 0.0086 s instead of 0.0083 s; benchmarks/sweep_kernel.py)
+SEPARATE_FAR: bool | None = None
 #: software-pipelining stages of the channel loop
 NUM_STAGES = 4
 #: channels per program in dense mode (each writes its own tiles; more per program amortises the setup)
@@ -519,7 +521,8 @@ def ssm_kernel(
     num_blocks = math.ceil(length / block)
     dense = mode == "dense"
     tiles = _tiles(num_blocks, dense, device)
-    if SEPARATE_FAR:  # far: the columns and their conv halo end before the row block (as in the kernel)
+    separate_far = (not dense) if SEPARATE_FAR is None else SEPARATE_FAR
+    if separate_far:  # far: the columns and their conv halo end before the row block (as in the kernel)
         far = tiles[:, 1] * block + block - 1 + taps - 1 <= tiles[:, 0] * block - 1
         launches = [(kind, part.contiguous()) for kind, part in ((1, tiles[far]), (2, tiles[~far])) if len(part)]
     else:
