@@ -9,7 +9,7 @@
 #
 # OUT (default: ./gpu-logs) receives <part>.log (pytest -v: every test by name) and failures.log (each failure as
 # it happens, so that a run cut by a time limit still tells what failed). PYTEST_TIMEOUT (seconds, default 540)
-# bounds each part. CAPTUM_IMPLICIT_FIRST_TRITON_CONFIG=1 keeps the first autotune config of fla's kernels (the
+# bounds each part. CAPTUM_IMPLICIT_FIRST_TRITON_CONFIG=1 keeps one autotune config of fla's and mamba-ssm's kernels (the
 # tests check maths, not tuning). tests/conftest.py puts fla's float32 kernels in IEEE mode and turns TF32 off.
 set -uo pipefail
 cd "$(dirname "$0")/.."
