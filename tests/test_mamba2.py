@@ -406,12 +406,12 @@ def test_scalar_decay_tile_long_sequence_float32():
 
 
 # --------------------------------------------------------------------------- GPU: Triton / CUDA kernels
-# Tolerances on the GPU. mamba-ssm's SSD Triton kernels run their tl.dot products in TF32 for float32 inputs
-# (Triton's default; unit roundoff 4.9e-4) and in bf16 with float32 accumulation for bf16 models (they also
-# round C·B and the chunk states to the input dtype; bf16 unit roundoff 3.9e-3). We explain in float32 from
-# the tensors the kernels got, so the gap is the kernels' own rounding: ≤ 5e-3 relative (float32 through
-# TF32) and ≤ 5e-2 (bf16) of the largest output entry. HF's pure-torch scan on CUDA is true float32: ≤ 1e-4.
-GPU_TOL = {torch.float32: 5e-3, torch.bfloat16: 5e-2}
+# Tolerances on the GPU. mamba-ssm's SSD Triton kernels leave their tl.dot precision to Triton's default, which
+# tests/conftest.py sets to IEEE float32 for GPU runs (TF32 would give ~5e-3): float32 ≤ 1e-4 (measured to hold at
+# L = 1, 7, 301 and 4096, session 5). bf16 models run the products in bf16 with float32 accumulation and round
+# C·B and the chunk states to bf16 (unit roundoff 3.9e-3); we explain in float32 from the tensors the kernels
+# got, so the gap is the kernels' own rounding: ≤ 5e-2 of the largest output entry.
+GPU_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 
 def _has(module: str) -> bool:
