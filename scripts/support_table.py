@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from captum_implicit.adapters._gpu_runs import NO_GPU_TEST
 from captum_implicit.core.registry import adapters
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "supported.md"
@@ -31,7 +32,8 @@ def render() -> str:
     for a in adapters():
         for cls in a.classes:
             name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
-            lines.append(f"| {a.family} | `{name}` | {a.cpu} | {a.gpu or '—'} | {a.padding or '—'} | {a.notes or ''} |")
+            lines.append(f"| {a.family} | `{name}` | {a.cpu} | {a.gpu or NO_GPU_TEST} | {a.padding or '—'} | "
+                         f"{a.notes or ''} |")
     lines += [
         "",
         "## flash-linear-attention (optional extra `fla`)",
@@ -52,17 +54,21 @@ def render() -> str:
         "float32 maths by up to 2.5e-3 (GLA, Gated DeltaNet at L = 200, H200), their own rounding.",
         "",
         "GPU test runs: `scripts/gpu_tests.sh fla|mamba|rest|all` (`pytest -v -m gpu` in three parts that each fit",
-        "a 10-minute call on a fresh machine; first autotune config of fla's kernels only; each failure logged as",
-        "it happens; a test checks that every gpu-marked test file is in one part).",
+        "a 10-minute call on a fresh machine; one autotune config of fla's and mamba-ssm's kernels; each failure",
+        "logged as it happens; a test checks that every gpu-marked test file is in one part).",
         "",
-        "**Last GPU run** (session 4; one H200, torch 2.11, transformers 5.17, triton 3.6, mamba-ssm 2.3.2.post1",
-        "without causal-conv1d, fla 0.6.0; five calls by test file): of the 186 GPU tests, **171 passed**, 14",
-        "skipped and 1 did not finish in its call (Bamba's LRP test, which skips on transformers 5.17). The skips:",
-        "fla's float32 chunk DeltaNet (fla refuses float32; bf16 passed), families or layer types transformers 5.17",
-        "lacks (BailingHybrid, LaraMini, LFM3, GLM-5-Next's DSA, Qwen4-Exp's QSA), and LRP forms that refuse 5.17's",
-        "older module layouts (Jamba's router, the un-grouped Mamba2 gated norm of Mamba2, Bamba, GraniteMoeHybrid;",
-        "float64 HF Mamba, whose CUDA kernels have no float64). Not covered on the GPU: bf16 for the HF Gated",
-        "DeltaNet / KDA layers (float32 only; fla's Gated DeltaNet layer passed in bf16).",
+        "**Last GPU runs** (one H200, torch 2.11, transformers 5.17, triton 3.6, mamba-ssm 2.3.2.post1 without",
+        "causal-conv1d, fla 0.6.0). Session 4 ran all 186 GPU tests of the time: 171 passed, 14 skipped, 1 did not",
+        "finish. The skips: fla's float32 chunk DeltaNet (fla refuses float32; bf16 passed), families or layer types",
+        "transformers 5.17 lacks (BailingHybrid, LaraMini, LFM3, GLM-5-Next's DSA, Qwen4-Exp's QSA), LRP forms that",
+        "refuse 5.17's older module layouts (Jamba's router, the un-grouped Mamba2 gated norm of Mamba2, Bamba,",
+        "GraniteMoeHybrid), and float64 HF Mamba (its CUDA kernels have no float64). Session 5 ran what was new or",
+        "unfinished — every captured layer of the HF relatives and hybrids on CUDA in float32 and bf16, bf16 of the",
+        "HF Gated DeltaNet / KDA kernels, mamba-ssm's `MHA`, the mamba-ssm recipe, Bamba's LRP test — and, after",
+        "session 5's changes, the Mamba Triton kernel, Mamba2 (float32 bound now 1e-4), mamba-ssm LRP and Mamba",
+        "tests: all passed (48, 26 and 71 in three calls; the 3 tests a call's time limit cut passed in the next)",
+        "except 7 skips, all for models transformers 5.17 lacks or its older Bamba layout. Logs of both sessions",
+        "are summarised in the closing notes of issue 3.",
         "",
         "**CPU**: every fla kernel, norm, rotary, token shift and swish is Triton. While a capture runs on CPU",
         "tensors, the adapter routes them (module globals, restored on exit; CUDA tensors pass through): the",

@@ -15,6 +15,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.gated_deltanet import DeltaRuleAttention, build_delta_rule_attention
 from ._common import argument, positional
+from ._gpu_runs import HF_VARIANTS, NO_GPU_TEST, NOT_IN_GPU_TRANSFORMERS
 
 _TF = "transformers.models"
 
@@ -86,6 +87,17 @@ def _functions(model: str) -> tuple[str, ...]:
     )
 
 
+_FLA_GDN = "fla's chunk_gated_delta_rule (bound by transformers when fla imports), "
+#: per model: what the GPU tests compared against (adapters/_gpu_runs.py)
+_GPU = {
+    "qwen3_next": _FLA_GDN + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_gated_deltanet.py)",
+    "olmo_hybrid": _FLA_GDN + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_gated_deltanet.py)",
+    "qwen3_5_moe": _FLA_GDN + HF_VARIANTS,
+    "qwen4_exp": _FLA_GDN + HF_VARIANTS,
+    "qwen3_5": NO_GPU_TEST,
+    "lara_mini": NOT_IN_GPU_TRANSFORMERS,
+}
+
 for _model, _cls, _norm, _out in [
     ("qwen3_next", "Qwen3NextGatedDeltaNet", "norm", "out_proj"),
     ("qwen3_5", "Qwen3_5GatedDeltaNet", "norm", "out_proj"),
@@ -100,7 +112,7 @@ for _model, _cls, _norm, _out in [
             # CPU exactness: tests/test_gated_deltanet.py (Qwen3-Next, Qwen3.5, OLMo-Hybrid) and
             # tests/test_hf_variants.py (Qwen3.5-MoE, LaraMini, Qwen4-Exp)
             padding="honoured (mask on the mixer input)",
-            gpu="— (tests against fla kernels written, not run: fla absent on the GPU machine)",
+            gpu=_GPU[_model],
             classes=(f"{_TF}.{_model}.modeling_{_model}.{_cls}",),
             build=_builder(_norm),
             functions=_functions(_model),

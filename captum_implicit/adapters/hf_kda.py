@@ -13,6 +13,7 @@ from ..core.capture import Recording
 from ..core.registry import Adapter, register_adapter
 from ..layers.gated_deltanet import build_delta_rule_attention
 from ..layers.kda import KDAAttention
+from ._gpu_runs import HF_VARIANTS, NOT_IN_GPU_TRANSFORMERS
 from .hf_gated_deltanet import delta_rule_call, norm_inputs
 
 _TF = "transformers.models"
@@ -25,6 +26,14 @@ def build_hf_kda(module: nn.Module, rec: Recording, name: str) -> KDAAttention:
     )
 
 
+_FLA_KDA = "fla's chunk_kda (bound by transformers when fla imports), "
+#: per model: what the GPU tests compared against (adapters/_gpu_runs.py)
+_GPU = {
+    "kimi_linear": _FLA_KDA + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_kda.py)",
+    "glm5_next": _FLA_KDA + HF_VARIANTS,
+    "bailing_hybrid": NOT_IN_GPU_TRANSFORMERS,
+}
+
 for _model, _cls in [
     ("kimi_linear", "KimiLinearDeltaAttention"),
     ("bailing_hybrid", "BailingHybridDeltaAttention"),
@@ -36,7 +45,7 @@ for _model, _cls in [
             family="kda",
             # CPU exactness: tests/test_kda.py (Kimi-Linear), tests/test_hf_variants.py (Bailing, GLM-5-Next)
             padding="honoured (mask on the mixer input)",
-            gpu="— (tests against fla kernels written, not run: fla absent on the GPU machine)",
+            gpu=_GPU[_model],
             classes=(f"{_base}.{_cls}",),
             build=build_hf_kda,
             functions=(

@@ -15,6 +15,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.short_conv import ShortConvAttention
 from ._common import positional
+from ._gpu_runs import HF_VARIANTS, NO_GPU_TEST, NOT_IN_GPU_TRANSFORMERS
 
 _TF = "transformers.models"
 
@@ -55,6 +56,9 @@ for _model, _cls in [("lfm2", "Lfm2ShortConv"), ("lfm2_moe", "Lfm2MoeShortConv")
             family="short_conv",
             # CPU exactness: tests/test_short_conv.py (LFM2), tests/test_hf_variants.py (LFM2-MoE, LFM3)
             padding="honoured (mask on the mixer input)",
+            gpu={"lfm2_moe": f"torch conv on CUDA, {HF_VARIANTS}", "lfm3": NOT_IN_GPU_TRANSFORMERS}.get(
+                _model, NO_GPU_TEST
+            ),
             classes=(f"{_base}.{_cls}",),
             build=build_hf_short_conv,
             functions=(f"{_base}.causal_conv1d_fn", f"{_base}.causal_conv1d_update"),

@@ -16,6 +16,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.mamba import MambaAttention, build_mamba_attention
 from ._common import argument, positional
+from ._gpu_runs import NO_GPU_TEST, WITHOUT_CAUSAL_CONV1D
 from ._scan_backward import linear_backward_scan
 
 _TF = "transformers.models"
@@ -80,16 +81,19 @@ def _mamba_functions(model: str) -> tuple[str, ...]:
     return (f"{base}.mamba_selective_scan", f"{base}.causal_conv1d_fn", f"{base}.mamba_selective_state_update")
 
 
-_GPU_KERNELS = "mamba-ssm CUDA selective scan + causal-conv1d (when installed), fp32/bf16"
+_GPU_KERNELS = (
+    "mamba-ssm's CUDA selective scan (the test asserts it ran), float32 ≤ 1e-4 and bf16 ≤ 3e-2, L = 1 … 4096, "
+    f"with padding, H200 (tests/test_gpu_mamba.py); {WITHOUT_CAUSAL_CONV1D}"
+)
 
 # HF Mamba's torch scan: same forward, O(L) instead of O(L²) backward (adapters/_scan_backward.py)
 FALLBACK_WRAPPERS[f"{_TF}.mamba.modeling_mamba.mamba_selective_scan"] = linear_backward_scan
 
 for _model, _cls, _gpu, _note in [
     ("mamba", "MambaMixer", _GPU_KERNELS, "MambaModel / MambaForCausalLM"),
-    ("falcon_mamba", "FalconMambaMixer", "", "B/C/Δ RMS norms are part of the captured scan arguments"),
-    ("jamba", "JambaMambaMixer", "", "hybrid: its attention layers are a separate family"),
-    ("zamba", "ZambaMambaMixer", "", "multi-head: one scan per head, interleaved in_proj"),
+    ("falcon_mamba", "FalconMambaMixer", NO_GPU_TEST, "B/C/Δ RMS norms are part of the captured scan arguments"),
+    ("jamba", "JambaMambaMixer", NO_GPU_TEST, "hybrid: its attention layers are a separate family"),
+    ("zamba", "ZambaMambaMixer", NO_GPU_TEST, "multi-head: one scan per head, interleaved in_proj"),
 ]:
     register_adapter(
         Adapter(

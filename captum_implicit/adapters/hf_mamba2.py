@@ -21,6 +21,7 @@ from ..core.registry import Adapter, register_adapter
 from ..core.attention import compute_dtype
 from ..layers.mamba2 import Mamba2Attention, build_mamba2_attention, gated_norm_scale
 from ._common import argument, positional
+from ._gpu_runs import HF_VARIANTS, NO_GPU_TEST, WITHOUT_CAUSAL_CONV1D
 
 _TF = "transformers.models"
 
@@ -130,7 +131,12 @@ for _model, _cls, _note in [
     ("nemotron_h", "NemotronHMamba2Mixer", "hybrid; dt clamped at time_step_min; conv activation mamba_hidden_act"),
     ("falcon_h1", "FalconH1Mixer", "ssm_in_multiplier and mup_vector are inside the captured tensors; optional norm"),
 ]:
-    _gpu = "mamba-ssm Triton chunk scan + causal-conv1d (when installed), fp32/bf16" if _model == "mamba2" else ""
+    _gpu = {
+        "mamba2": f"the path transformers 5.17 takes on CUDA with mamba-ssm installed ({WITHOUT_CAUSAL_CONV1D}), "
+        "float32 ≤ 1e-4 and bf16 ≤ 5e-2, L = 7 and 4096, with padding, H200 (tests/test_mamba2.py)",
+        "bamba": NO_GPU_TEST,
+        "granitemoehybrid": NO_GPU_TEST,
+    }.get(_model, f"the path transformers 5.17 takes on CUDA ({WITHOUT_CAUSAL_CONV1D}), {HF_VARIANTS}")
     register_adapter(
         Adapter(
             family="mamba2",

@@ -203,7 +203,8 @@ register_adapter(
     Adapter(
         family="rwkv",
         padding="ignored by the model (HF warns); ignored here too",
-        gpu="HF on CUDA (torch WKV; the hub CUDA kernel was not available), fp32/bf16",
+        gpu="HF on CUDA (torch WKV; the hub CUDA kernel was not available), float32 ≤ 1e-4 and bf16 ≤ 2e-2, H200 "
+        "(tests/test_rwkv.py)",
         classes=(f"{_MOD}.RwkvSelfAttention",),
         build=build_hf_rwkv,
         functions=(f"{_MOD}.rwkv_linear_attention",),

@@ -49,6 +49,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.softmax import SoftmaxAttention, build_softmax_attention
 from ._common import argument
+from ._gpu_runs import HF_VARIANTS, NO_GPU_TEST, NOT_IN_GPU_TRANSFORMERS
 
 _TF = "transformers.models"
 
@@ -154,6 +155,15 @@ _GATES: dict[str | None, tuple[Callable[[nn.Module, Recording], Tensor] | None, 
     "head_f32": (_head_gate(True), ("g_proj",), "; σ(g_proj) per-head row scale (sigmoid in float32)"),
 }
 
+#: per model: what the GPU tests compared against (adapters/_gpu_runs.py); the others: no GPU test
+_GPU = {
+    **dict.fromkeys(
+        ["zamba2", "falcon_h1", "nemotron_h", "lfm2_moe", "qwen3_5_moe"],
+        f"eager attention on CUDA (the capture turns SDPA eager), {HF_VARIANTS}",
+    ),
+    **dict.fromkeys(["lfm3", "lara_mini", "bailing_hybrid"], NOT_IN_GPU_TRANSFORMERS),
+}
+
 for _model, _cls, _out, _gate in [
     ("jamba", "JambaAttention", "o_proj", None),
     ("zamba", "ZambaAttention", "o_proj", None),
@@ -187,6 +197,7 @@ for _model, _cls, _out, _gate in [
         Adapter(
             family="softmax",
             padding="honoured (eager attention mask)",
+            gpu=_GPU.get(_model, NO_GPU_TEST),
             classes=(f"{_TF}.{_model}.modeling_{_model}.{_cls}",),
             build=_builder(_gate_fn),
             functions=(f"{_TF}.{_model}.modeling_{_model}.eager_attention_forward",),

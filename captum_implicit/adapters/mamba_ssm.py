@@ -24,6 +24,7 @@ from ..layers.mamba2 import Mamba2Attention, build_mamba2_attention, gated_norm_
 from ..layers.mha import LocalChannelsSoftmaxAttention
 from ..layers.softmax import SoftmaxAttention, build_softmax_attention
 from ._common import argument, positional
+from ._gpu_runs import WITHOUT_CAUSAL_CONV1D
 
 _SIMPLE = "mamba_ssm.modules.mamba_simple"
 _MAMBA2 = "mamba_ssm.modules.mamba2"
@@ -89,7 +90,8 @@ register_adapter(
         prepare=_switched_off("use_fast_path"),
         cpu="— (mamba-ssm needs CUDA)",
         padding="no mask in mamba-ssm",
-        gpu="CUDA selective scan + causal-conv1d, fp32/bf16, L ≤ 4096 (fused path switched off during capture)",
+        gpu="CUDA selective scan, float32 ≤ 1e-4 and bf16 ≤ 3e-2, L = 1 … 4096 and a MambaLMHeadModel, H200 "
+        f"(tests/test_gpu_mamba.py; fused path switched off during capture); {WITHOUT_CAUSAL_CONV1D}",
         notes="fused fast path switched off during capture (same CUDA kernels, unfused)",
     ),
     first=False,
@@ -153,7 +155,8 @@ register_adapter(
         prepare=_switched_off("use_mem_eff_path"),
         cpu="— (mamba-ssm needs CUDA)",
         padding="no mask in mamba-ssm",
-        gpu="Triton chunk scan + causal-conv1d, fp32/bf16, L ≤ 4096 (mem-eff path switched off during capture)",
+        gpu="Triton chunk scan, float32 ≤ 1e-4 and bf16 ≤ 5e-2, L = 1, 301, 4096, gated RMSNorm on and off, H200 "
+        f"(tests/test_mamba2.py; mem-eff path switched off during capture); {WITHOUT_CAUSAL_CONV1D}",
         notes="fused mem-eff path switched off during capture (same Triton kernels, unfused)",
     ),
     first=False,
@@ -235,8 +238,8 @@ register_adapter(
         output_module="out_proj",
         cpu="yes (stand-in running mha.py's forward; mamba-ssm cannot be imported on CPU)",
         padding="no mask in mamba-ssm",
-        gpu="F.scaled_dot_product_attention (flash / mem-efficient), fp32; GQA, d_conv, mlp_dim: GPU test "
-        "written, not yet run (rotary needs flash_attn: untested)",
+        gpu="F.scaled_dot_product_attention (flash / mem-efficient), float32 ≤ 1e-4; GQA, d_conv and mlp_dim "
+        "configs, H200 (tests/test_mamba_ssm_mha.py); rotary needs flash_attn: untested",
         notes="probabilities recomputed from the q / k SDPA got (after conv, rotary, GQA repeat); values = V per "
         "head; mlp_dim: the gated-MLP half as token-local channels (A = I, values up ⊙ SiLU(gate)); "
         "non-causal rows' future part in offset; kv-cache continuations refused",
