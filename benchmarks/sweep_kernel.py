@@ -21,8 +21,8 @@ from bench_kernel import capture_layer
 
 
 SHIPPED = dict(
-    FAR_PRODUCT="split", FAR_UNROLL=1, SEPARATE_FAR=None, PRODUCT="tf32x3", NUM_STAGES=4, DENSE_CHANNELS=16,
-    NUM_WARPS=4, BLOCK=64,
+    FAR_PRODUCT="split", FAR_UNROLL=1, SEPARATE_FAR=None, OVERLAP_NEAR=False, PRODUCT="tf32x3", NUM_STAGES=4,
+    DENSE_CHANNELS=16, NUM_WARPS=4, BLOCK=64,
 )
 _BLOCK128 = dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2)
 #: module settings per variant, the shipped ones first
@@ -30,6 +30,10 @@ VARIANTS = [SHIPPED] + [{**SHIPPED, **change} for change in [
     # most promising first, so that a sweep cut by a time limit still answers the main question.
     # far tiles in their own launch, compiled without the near-tile code: 128 registers instead of 255 (sm_90,
     # Triton 3.8), so 4 programs per SM instead of 2 to hide the latency of the dependent products
+    # the launch of the tiles next to the diagonal (few programs, each long) on a side stream, concurrent with
+    # the far launch (session 6 candidate: the split launches of session 5 serialised them)
+    dict(OVERLAP_NEAR=True),
+    dict(OVERLAP_NEAR=True, FAR_UNROLL=2),
     dict(SEPARATE_FAR=False),  # one launch for the reductions too (the default until session 5)
     dict(SEPARATE_FAR=True, FAR_PRODUCT="fused"),
     # the far-tile loop looks latency-bound (three dependent K=N products per channel): one product of
@@ -63,6 +67,40 @@ def seconds(fn, reps=3):
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t) / reps
+
+
+class _TimedLaunches:
+    """Stands in for ``ssm_triton._ssm_kernel``: each launch bracketed by CUDA events, keyed by its ``TILES``
+    (0 all tiles, 1 far tiles, 2 the others), to tell how the time splits between the far and near launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.events = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.kernel[grid](*args, **kwargs)
+            end.record()
+            self.events.append((kwargs["TILES"], grid, start, end))
+
+        return launch
+
+
+def launch_split(fn) -> str:
+    """Milliseconds per launch kind of one call of ``fn`` (run once before, to compile)."""
+    fn()
+    timed = _TimedLaunches(ssm_triton._ssm_kernel)
+    ssm_triton._ssm_kernel = timed
+    try:
+        fn()
+        torch.cuda.synchronize()
+    finally:
+        ssm_triton._ssm_kernel = timed.kernel
+    names = {0: "all tiles", 1: "far tiles", 2: "near tiles"}
+    return "; ".join(
+        f"{names[kind]} grid {grid}: {start.elapsed_time(end):.2f} ms" for kind, grid, start, end in timed.events
+    )
 
 
 def compiled_kernels() -> dict:
@@ -107,6 +145,8 @@ def main() -> None:
         new = [k for key, k in compiled_kernels().items() if key not in before]
         print(f"{variant}: Ā(L={a.length}) {t_agg:.4f} s  dense(L={a.dense_length}) {t_dense:.4f} s  "
               f"rel err {err:.1e}  [{resources(new)}]", flush=True)
+        if variant is SHIPPED or variant.get("SEPARATE_FAR") is False:
+            print(f"    Ā launches: {launch_split(lambda: la.aggregate('positive_mean', grad=grad))}", flush=True)
 
 if __name__ == "__main__":
     main()

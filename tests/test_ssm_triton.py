@@ -80,6 +80,8 @@ FAR_VARIANTS = [
     dict(SEPARATE_FAR=False),  # the shipped default (None) splits the launches for the reductions only
     dict(SEPARATE_FAR=True, FAR_PRODUCT="fused", FAR_UNROLL=2),
 ]
+#: variants that differ from the shipped kernel only on CUDA (the interpreter runs them as shipped)
+GPU_ONLY_VARIANTS = [dict(OVERLAP_NEAR=True), dict(OVERLAP_NEAR=True, FAR_UNROLL=2)]
 #: a variant against the shipped kernel: the same TF32 products, summed in another float32 order
 VARIANT_BOUND = 1e-6
 
@@ -161,10 +163,11 @@ def test_kernel_per_entry_form_next_to_the_diagonal(rate_scale, monkeypatch):
 
 @pytest.mark.gpu
 @requires_cuda
-@pytest.mark.parametrize("variant", FAR_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("variant", FAR_VARIANTS + GPU_ONLY_VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
 @pytest.mark.parametrize("case", ["conv-skip-gate", "multi-head", "state16-long"])
 def test_far_tile_variants_on_gpu(case, variant, monkeypatch):
-    """The opt-in far-tile variants (benchmarks/sweep_kernel.py) agree with the shipped kernel and the reference."""
+    """The opt-in far-tile variants (benchmarks/sweep_kernel.py) agree with the shipped kernel and the reference
+    (OVERLAP_NEAR: across channel chunks too, where each chunk's tiles accumulate onto the last chunk's)."""
     from captum_implicit.ops import ssm_triton
 
     attn = random_mamba_attention("cuda", **{**CASES[case], "channels": 3})

@@ -21,16 +21,18 @@ position of ``s``'s block), joined by ``e^{a_n (cum_p − cum_q)} ≤ 1``. The t
 (the diagonal, and its left neighbour whose conv halo reaches it) are masked per tap, ``s + j ≤ t``; they
 use the row block's pivot when ``max |a| · (cum-span of a block and its halo)`` stays below
 :data:`MAX_EXPONENT` (float32 overflows at 88.7), and otherwise one exponential per entry and state
-(``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound. Differences of cumulative sums are taken in float64, the rest in float32 (``tl.dot`` in IEEE float32, no
-TF32), accumulation in float32.
+(``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound. Differences of cumulative sums are
+taken in float64, the rest in float32 (``tl.dot`` as three TF32 products that recover float32 accuracy, see
+:data:`PRODUCT`), accumulation in float32.
 
 The far-tile loop has opt-in variants for ``benchmarks/sweep_kernel.py`` (:data:`FAR_PRODUCT` ``"fused"``,
-:data:`FAR_UNROLL`, :data:`SEPARATE_FAR`); ``benchmarks/kernel_resources.py`` shows their registers, spills and
-shared memory on sm_90 without a GPU.
+:data:`FAR_UNROLL`, :data:`SEPARATE_FAR`, :data:`OVERLAP_NEAR`); ``benchmarks/kernel_resources.py`` shows their
+registers, spills and shared memory on sm_90 without a GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -63,6 +65,9 @@ FAR_UNROLL = 1
 #: launches for the reductions, one for dense (H200, 130m layer: Ā at L = 4096 0.041 s instead of 0.048 s;
 #: ``dense()`` at L = 1024 0.0086 s instead of 0.0083 s; benchmarks/sweep_kernel.py)
 SEPARATE_FAR: bool | None = None
+#: with separate launches on CUDA, run the launch of the tiles next to the diagonal (few programs, each long) on a
+#: side stream, concurrently with the far launch (the tiles are disjoint), as the single launch overlapped them
+OVERLAP_NEAR = False
 #: software-pipelining stages of the channel loop
 NUM_STAGES = 4
 #: channels per program in dense mode (each writes its own tiles; more per program amortises the setup)
@@ -559,23 +564,32 @@ def ssm_kernel(
         if fused:  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
             kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
             kh = kl = dummy
+        side = None
+        if OVERLAP_NEAR and len(launches) > 1 and device.type == "cuda":
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))  # the factors above, and earlier chunks' tiles
         for kind, part in launches:  # each tile belongs to exactly one launch: no two write the same output
             grid = (part.shape[0], bsz, math.ceil(count / per_prog) if dense else groups)
-            _ssm_kernel[grid](
-                out, part, q, k, kh, kl, kf, cum, rate, read, write, ws, head_of,
-                skip if skip is not None else dummy, lsc if lsc is not None else dummy,
-                rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
-                length, nch, nheads, nstate, c0, count, per_prog,
-                out.stride(0), out.stride(1), out.stride(2),
-                N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
-                HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
-                HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT,
-                NEAR_EXACT=near_exact or FORCE_NEAR_EXACT, FAR=FAR_CODES[FAR_PRODUCT], UNROLL=FAR_UNROLL, TILES=kind,
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-            )
+            with torch.cuda.stream(side) if side is not None and kind == 2 else contextlib.nullcontext():
+                _ssm_kernel[grid](
+                    out, part, q, k, kh, kl, kf, cum, rate, read, write, ws, head_of,
+                    skip if skip is not None else dummy, lsc if lsc is not None else dummy,
+                    rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
+                    length, nch, nheads, nstate, c0, count, per_prog,
+                    out.stride(0), out.stride(1), out.stride(2),
+                    N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
+                    HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
+                    HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT,
+                    NEAR_EXACT=near_exact or FORCE_NEAR_EXACT, FAR=FAR_CODES[FAR_PRODUCT], UNROLL=FAR_UNROLL,
+                    TILES=kind, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                )
+        if side is not None:
+            # later work (the next chunk, the group sum, freeing the factors) waits for the side stream too
+            torch.cuda.current_stream(device).wait_stream(side)
         del q, k, kh, kl, kf
     if dense:
         return out
     if mode == "max_abs":
         return out.amax(1)
     return out.sum(1)
+
