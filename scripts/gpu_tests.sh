@@ -9,8 +9,9 @@
 #
 # OUT (default: ./gpu-logs) receives <part>.log (pytest -v: every test by name) and failures.log (each failure as
 # it happens, so that a run cut by a time limit still tells what failed). PYTEST_TIMEOUT (seconds, default 540)
-# bounds each part. CAPTUM_IMPLICIT_FIRST_TRITON_CONFIG=1 keeps one autotune config of fla's and mamba-ssm's kernels (the
-# tests check maths, not tuning). tests/conftest.py puts fla's float32 kernels in IEEE mode and turns TF32 off.
+# bounds each part. CAPTUM_IMPLICIT_FIRST_TRITON_CONFIG=1 keeps one autotune config of fla's and mamba-ssm's
+# kernels (the tests check maths, not tuning). tests/conftest.py puts Triton's float32 dots (fla's included) in
+# IEEE mode and turns TF32 off.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-logs}
@@ -22,11 +23,11 @@ export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 declare -A PARTS=(
   [fla]="tests/test_fla.py tests/test_fla_layers.py tests/test_lrp_fla.py tests/test_gated_deltanet.py
          tests/test_kda.py tests/test_lrp_kimi.py tests/test_lrp_relatives.py tests/test_lrp_hybrids.py"
-  [mamba]="tests/test_ssm_triton.py tests/test_gpu_mamba.py tests/test_mamba2.py tests/test_lrp.py
+  [mamba]="tests/test_ssm_triton.py tests/test_gpu_mamba.py tests/test_mamba.py tests/test_mamba2.py tests/test_lrp.py
            tests/test_lrp_families.py tests/test_lrp_mamba_ssm.py tests/test_mamba_ssm_mha.py
            tests/test_lrp_mamba2_hybrids.py tests/test_lrp_falcon_zamba.py"
-  [rest]="tests/test_rwkv.py tests/test_rglru.py tests/test_hf_variants.py tests/test_attr_gpu.py
-          tests/test_cli_explain.py tests/test_recipes.py tests/test_eval.py"
+  [rest]="tests/test_rwkv.py tests/test_rglru.py tests/test_hf_variants.py tests/test_softmax.py tests/test_mlstm.py
+          tests/test_attr_gpu.py tests/test_cli_explain.py tests/test_recipes.py tests/test_eval.py"
 )
 
 run_part() {

@@ -147,7 +147,7 @@ def test_aggregate_and_row_equal_reductions_of_dense(seed, length, reduce):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["qwen3_next", "olmo_hybrid"])
+@pytest.mark.parametrize("kind", ["qwen3_next", "qwen3_5", "olmo_hybrid"])
 def test_fla_kernel_output_on_gpu(kind, dtype):
     """On CUDA with fla importable, transformers binds fla's chunk_gated_delta_rule; the capture records it
     (no torch fallback on CUDA) and the closed form must reproduce its output."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
-from conftest import OutputRecorder, rel_err
+from conftest import GPU_BOUND, OutputRecorder, rel_err, requires_cuda
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -197,3 +197,20 @@ def test_default_cache_prefill_is_exact():
         layers = ci.implicit_attention(model, ids)
     for la in layers:
         assert rel_err(la.output(), rec.inputs[la.name]) < 1e-10
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_falcon_mamba_on_cuda(dtype):
+    """FalconMamba on CUDA (the scan transformers binds there: mamba-ssm's CUDA selective scan when it imports),
+    float32 and bf16, left padding: exact to conftest.GPU_BOUND. HF Mamba: tests/test_gpu_mamba.py; the Mamba
+    mixers of Jamba and Zamba: tests/test_softmax.py::test_every_layer_of_the_hybrids_on_cuda."""
+    torch.manual_seed(0)
+    model = _falcon(0).eval()
+    _randomize_free_terms(model, 0)
+    model = model.to("cuda", dtype)
+    ids, mask = _inputs(2, 80, 32, 5, 3)
+    layers = _check_exact(model, ids.cuda(), mask.cuda(), GPU_BOUND[dtype])
+    assert len(layers) == 2 and all(la.device.type == "cuda" for la in layers)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from captum_implicit.core.capture import implicit_attention
 from captum_implicit.layers.mlstm import MLSTMAttention
-from conftest import OutputRecorder, assert_views_match_dense, rel_err
+from conftest import GPU_BOUND, OutputRecorder, assert_views_match_dense, rel_err, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 modeling_xlstm = pytest.importorskip("transformers.models.xlstm.modeling_xlstm")
@@ -141,3 +141,21 @@ def test_aggregate_and_row_equal_reductions_of_dense(seed, length, reduce):
     layers, _ = _layers(_model(torch.float64, seed), seed, length)
     attn = layers[1]
     assert_views_match_dense(attn, rows=(length // 2,), reduces=(reduce,))
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_float32():
+    """On CUDA (HF's native chunkwise kernels: the `xlstm` package's are not installed there), float32, L = 80 (five
+    chunks): every layer reproduces the real out_proj input (conftest.GPU_BOUND). bf16 is not tested: HF's native
+    chunkwise kernel multiplies its float32 states with bf16 values and fails (transformers 5.24, CPU)."""
+    model = _model(torch.float32, 0).cuda()
+    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(3)).cuda()
+    with OutputRecorder(model) as rec:
+        layers = implicit_attention(model, input_ids=ids, use_cache=False)
+    assert len(layers) == 2
+    for attn in layers:
+        assert attn.device.type == "cuda"
+        err = rel_err(attn.output(), rec.inputs[attn.name])
+        assert err < GPU_BOUND[torch.float32], (attn.name, err)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 
 import pytest
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 from captum_implicit.config import blockwise
 from captum_implicit.core.capture import implicit_attention
 from captum_implicit.layers.softmax import SoftmaxAttention
-from conftest import OutputRecorder, assert_views_match_dense, rel_err
+from conftest import GPU_BOUND, OutputRecorder, assert_views_match_dense, rel_err, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -188,16 +189,19 @@ _HYBRIDS = {
 }
 
 
-@pytest.mark.parametrize("kind", sorted(_HYBRIDS))
-def test_softmax_layers_of_other_hybrids(kind):
-    """Every softmax entry's output() equals the real input of its output projection (float64, left padding)."""
+def _hybrid(kind: str, dtype: torch.dtype) -> torch.nn.Module:
     model_cls, config_cls, extra = _HYBRIDS[kind]
     torch.manual_seed(0)
     cfg = getattr(transformers, config_cls)(
         hidden_size=64, intermediate_size=128, num_attention_heads=4, vocab_size=VOCAB, **extra
     )
-    model = getattr(transformers, model_cls)(cfg).to(torch.float64).eval()
-    layers, real = _run(model, 0, 21, 3)
+    return getattr(transformers, model_cls)(cfg).to(dtype).eval()
+
+
+@pytest.mark.parametrize("kind", sorted(_HYBRIDS))
+def test_softmax_layers_of_other_hybrids(kind):
+    """Every softmax entry's output() equals the real input of its output projection (float64, left padding)."""
+    layers, real = _run(_hybrid(kind, torch.float64), 0, 21, 3)
     soft = [a for a in layers if a.family == "softmax"]
     assert soft, [a.family for a in layers]
     for attn in soft:
@@ -221,3 +225,33 @@ def test_fully_masked_pad_rows_are_causal_with_an_offset():
                     # the same sum in another channel order: float64 rounding, or float32 rounding (≈ 1e-7)
                     bound = 1e-12 if dtype == torch.float64 else 1e-6
                     assert rel_err(attn.aggregate("abs_sum"), dense.abs().sum(1)) < bound
+
+
+# ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", sorted(_HYBRIDS) + ["jamba", "qwen3_next"])
+def test_every_layer_of_the_hybrids_on_cuda(kind, dtype):
+    """On CUDA, float32 and bf16, left padding: every captured layer of each hybrid, the recurrent mixers (the
+    kernels transformers binds there: mamba-ssm's scans, fla's delta rules, ...) as well as the softmax layers,
+    reproduces the real input of its output projection (bounds: conftest.GPU_BOUND)."""
+    try:
+        model = (_jamba(torch.float32, 0) if kind == "jamba" else _qwen3_next(torch.float32, 0) if kind == "qwen3_next"
+                 else _hybrid(kind, torch.float32))
+    except AttributeError as error:  # the GPU machine's transformers may predate the family
+        if "module transformers has no attribute" not in str(error):
+            raise
+        pytest.skip(f"{kind}: not in transformers {transformers.__version__}")
+    model = copy.deepcopy(model).to("cuda", dtype)
+    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(3)).cuda()
+    mask = torch.ones_like(ids)
+    mask[-1, :5] = 0
+    recorders = [OutputRecorder(model, suffix) for suffix in ("o_proj", "out_proj", "linear_out")]
+    with recorders[0], recorders[1], recorders[2]:
+        layers = implicit_attention(model, input_ids=ids, attention_mask=mask, use_cache=False)
+    real = {name: x for r in recorders for name, x in r.inputs.items()}
+    assert len({a.family for a in layers}) == 2, [a.family for a in layers]  # a recurrent family and softmax
+    for attn in layers:
+        err = rel_err(attn.output(), real[attn.name].float())
+        assert err < GPU_BOUND[dtype], (attn.name, attn.family, err)

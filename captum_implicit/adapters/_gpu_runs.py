@@ -20,3 +20,8 @@ NOT_IN_GPU_TRANSFORMERS = (
 NO_GPU_TEST = "— (no GPU test of this class)"
 #: the GPU machine's mamba-ssm build lacks causal-conv1d: transformers and mamba-ssm take their torch conv
 WITHOUT_CAUSAL_CONV1D = "causal-conv1d not installed there: torch conv"
+
+
+def written_not_run(test: str) -> str:
+    """A GPU test exists (``test``: its file or node id) but no GPU run has executed it yet."""
+    return f"— (GPU test written, not yet run: {test})"

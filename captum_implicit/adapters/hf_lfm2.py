@@ -15,7 +15,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.short_conv import ShortConvAttention
 from ._common import positional
-from ._gpu_runs import HF_VARIANTS, NO_GPU_TEST, NOT_IN_GPU_TRANSFORMERS
+from ._gpu_runs import HF_VARIANTS, NOT_IN_GPU_TRANSFORMERS, written_not_run
 
 _TF = "transformers.models"
 
@@ -56,9 +56,11 @@ for _model, _cls in [("lfm2", "Lfm2ShortConv"), ("lfm2_moe", "Lfm2MoeShortConv")
             family="short_conv",
             # CPU exactness: tests/test_short_conv.py (LFM2), tests/test_hf_variants.py (LFM2-MoE, LFM3)
             padding="honoured (mask on the mixer input)",
-            gpu={"lfm2_moe": f"torch conv on CUDA, {HF_VARIANTS}", "lfm3": NOT_IN_GPU_TRANSFORMERS}.get(
-                _model, NO_GPU_TEST
-            ),
+            gpu={
+                "lfm2": written_not_run("tests/test_softmax.py::test_every_layer_of_the_hybrids_on_cuda"),
+                "lfm2_moe": f"torch conv on CUDA, {HF_VARIANTS}",
+                "lfm3": NOT_IN_GPU_TRANSFORMERS,
+            }[_model],
             classes=(f"{_base}.{_cls}",),
             build=build_hf_short_conv,
             functions=(f"{_base}.causal_conv1d_fn", f"{_base}.causal_conv1d_update"),

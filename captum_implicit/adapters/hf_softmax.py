@@ -49,7 +49,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.softmax import SoftmaxAttention, build_softmax_attention
 from ._common import argument
-from ._gpu_runs import HF_VARIANTS, NO_GPU_TEST, NOT_IN_GPU_TRANSFORMERS
+from ._gpu_runs import HF_VARIANTS, NO_GPU_TEST, NOT_IN_GPU_TRANSFORMERS, written_not_run
 
 _TF = "transformers.models"
 
@@ -162,6 +162,11 @@ _GPU = {
         f"eager attention on CUDA (the capture turns SDPA eager), {HF_VARIANTS}",
     ),
     **dict.fromkeys(["lfm3", "lara_mini", "bailing_hybrid"], NOT_IN_GPU_TRANSFORMERS),
+    **dict.fromkeys(
+        ["jamba", "zamba", "bamba", "granitemoehybrid", "minimax", "lfm2", "olmo_hybrid", "kimi_linear",
+         "recurrent_gemma", "qwen3_next"],
+        written_not_run("tests/test_softmax.py::test_every_layer_of_the_hybrids_on_cuda"),
+    ),
 }
 
 for _model, _cls, _out, _gate in [
