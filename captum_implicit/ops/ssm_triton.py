@@ -592,4 +592,3 @@ def ssm_kernel(
     if mode == "max_abs":
         return out.amax(1)
     return out.sum(1)
-
