@@ -66,7 +66,7 @@ FAR_UNROLL = 1
 #: ``dense()`` at L = 1024 0.0086 s instead of 0.0083 s; benchmarks/sweep_kernel.py)
 SEPARATE_FAR: bool | None = None
 #: with separate launches on CUDA, run the launch of the tiles next to the diagonal (few programs, each long) on a
-#: side stream, concurrently with the far launch (the tiles are disjoint), as the single launch overlapped them
+#: side stream, first, concurrently with the far launch (the tiles are disjoint), as the single launch overlapped them
 OVERLAP_NEAR = False
 #: software-pipelining stages of the channel loop
 NUM_STAGES = 4
@@ -564,11 +564,14 @@ def ssm_kernel(
         if fused:  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
             kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
             kh = kl = dummy
-        side = None
+        side, order = None, launches
         if OVERLAP_NEAR and len(launches) > 1 and device.type == "cuda":
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))  # the factors above, and earlier chunks' tiles
-        for kind, part in launches:  # each tile belongs to exactly one launch: no two write the same output
+            # the long near-tile programs first: the GPU hands out a kernel's blocks roughly in launch order,
+            # so the far launch's many short programs then fill the slots around them
+            order = launches[::-1]
+        for kind, part in order:  # each tile belongs to exactly one launch: no two write the same output
             grid = (part.shape[0], bsz, math.ceil(count / per_prog) if dense else groups)
             with torch.cuda.stream(side) if side is not None and kind == 2 else contextlib.nullcontext():
                 _ssm_kernel[grid](
