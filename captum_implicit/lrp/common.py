@@ -70,10 +70,7 @@ def fill_cache_first_call(
     name = type(module).__name__
     idx = module.layer_idx if layer_idx is None else layer_idx
     if cache.get_seq_length(idx) > 0:
-        raise LRPError(
-            f"{name} layer {idx}: this call continues from a cached state; run the full sequence in one forward "
-            "(use_cache=False)."
-        )
+        raise continuation_refused(f"{name} layer {idx}")
     cached_key, cached_value = cache.update(key.detach(), value.detach(), idx, kwargs=kwargs)
     if cached_key.shape != key.shape:
         raise LRPError(f"{name}: the cache changed the {what} length on a first call")
@@ -116,6 +113,12 @@ def memory_layout(x: Tensor) -> tuple[int, ...]:
     return tuple(st if n > 1 else 0 for n, st in zip(x.shape, x.stride()))
 
 
+def continuation_refused(where: str, how: str = "use_cache=False") -> LRPError:
+    """The error for a call that continues from a cached state (``where``: e.g. "Mamba layer 3"; ``how``: the
+    argument that runs a whole sequence instead). The forms explain a whole sequence from an empty state."""
+    return LRPError(f"{where}: this call continues from a cached state; run the full sequence in one forward ({how}).")
+
+
 def refuse_cached_state(module: Any, cache: Any, recurrent: bool = True) -> None:
     """Raise :class:`LRPError` if the call of ``module`` (its ``layer_idx``) continues from a cached state.
 
@@ -131,10 +134,7 @@ def refuse_cached_state(module: Any, cache: Any, recurrent: bool = True) -> None
     else:
         cached = bool(cache.has_previous_state(idx))
     if cached:
-        raise LRPError(
-            f"{type(module).__name__} layer {idx}: this call continues from a cached state; run the full sequence "
-            "in one forward (use_cache=False)."
-        )
+        raise continuation_refused(f"{type(module).__name__} layer {idx}")
 
 
 def mask_padding(h: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -40,7 +40,7 @@ from ..ops import fla_torch
 from ..layers.gated_deltanet import DeltaRuleAttention, build_delta_rule_attention
 from ..layers.gla import build_gla_attention, retention_log_decay
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, exact_region, held_delta_rule, hold
+from .common import act, continuation_refused, exact_region, held_delta_rule, hold
 from .primitives import proportional, uniform_rule
 from .qwen3_next import gated_delta_rule_recurrent
 
@@ -54,8 +54,7 @@ def _refuse(module: nn.Module, attention_mask: Tensor | None, past_key_values: A
     if past_key_values is not None:
         idx = getattr(module, "layer_idx", None)
         if idx is not None and len(past_key_values) > idx:
-            raise LRPError(f"{name}: this call continues from a cached state; run the full sequence in one forward "
-                           "(use_cache=False).")
+            raise continuation_refused(name)
         raise LRPError(f"{name}: the LRP form keeps no state and does not fill fla's cache; run the full sequence "
                        "with use_cache=False (past_key_values=None).")
     if kwargs.get("cu_seqlens") is not None:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, hold, round_to
+from .common import act, cast, continuation_refused, hold, round_to
 from .mamba import selective_scan_lrp
 from .mamba2 import ssd_scan_lrp
 from .primitives import uniform_rule
@@ -80,10 +80,7 @@ def _states(module: nn.Module, inference_params: Any, batch: int) -> tuple[Tenso
     if inference_params is None:
         return None, None
     if inference_params.seqlen_offset > 0:
-        raise LRPError(
-            f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run the "
-            "full sequence in one forward (inference_params=None)."
-        )
+        raise continuation_refused(f"{type(module).__name__} layer {module.layer_idx}", "inference_params=None")
     return module._get_states_from_cache(inference_params, batch)
 
 
@@ -305,10 +302,7 @@ def mha_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor, inference_par
     if inference_params is not None:
         lengths = getattr(inference_params, "lengths_per_sample", None)
         if inference_params.seqlen_offset > 0 or (lengths is not None and bool(lengths.any())):
-            raise LRPError(
-                f"MHA layer {module.layer_idx}: this call continues from a cached state; run the full sequence in "
-                "one forward (inference_params=None)."
-            )
+            raise continuation_refused(f"MHA layer {module.layer_idx}", "inference_params=None")
         if module.layer_idx not in inference_params.key_value_memory_dict:
             inference_params.key_value_memory_dict[module.layer_idx] = module.allocate_inference_cache(
                 batch, inference_params.max_seqlen, dtype=x.dtype

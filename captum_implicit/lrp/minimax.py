@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, held_softmax_attention, hold, mask_padding, project_heads
+from .common import act, continuation_refused, held_softmax_attention, hold, mask_padding, project_heads
 from .mamba import rms_norm_lrp
 from .primitives import uniform_rule
 from .qwen3_next import qwen3_next_experts_lrp
@@ -86,10 +86,7 @@ def lightning_lrp(
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     if cache is not None and cache.get_linear_cache(module.layer_idx) is not None:
-        raise LRPError(
-            f"MiniMaxLightningAttention layer {module.layer_idx}: this call continues from a cached state; run the "
-            "full sequence in one forward (use_cache=False)."
-        )
+        raise continuation_refused(f"MiniMaxLightningAttention layer {module.layer_idx}")
     batch, seq_len, _ = hidden_states.shape
     qkv = act(module.act_fn, module.qkv_proj(hidden_states), rules)
     qkv = mask_padding(qkv, attention_mask)

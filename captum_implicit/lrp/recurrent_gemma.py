@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, exact_region, held_softmax_attention, hold, project_heads
+from .common import act, cast, continuation_refused, exact_region, held_softmax_attention, hold, project_heads
 from .primitives import proportional, uniform_rule
 
 _HF = "transformers.models.recurrent_gemma.modeling_recurrent_gemma"
@@ -132,10 +132,7 @@ def rg_recurrent_block_lrp(
             x_branch = module.conv_1d(x_branch)[..., :seq_len]
         else:  # one step: linear in x_branch; a non-empty cached state is refused by the RG-LRU form
             if bool(module.conv1d_state.any()):
-                raise LRPError(
-                    "RecurrentGemmaRecurrentBlock: this call continues from a cached state; run the full sequence "
-                    "in one forward (use_cache=False)."
-                )
+                raise continuation_refused("RecurrentGemmaRecurrentBlock")
             conv_state = torch.cat((module.conv1d_state, x_branch), -1)
             x_branch = torch.sum(conv_state * module.conv_1d.weight[:, 0, :], dim=-1) + module.conv_1d.bias
             x_branch = x_branch.unsqueeze(-1)
