@@ -112,7 +112,7 @@ if triton is not None:
 
     @triton.jit
     def _tile_ptrs(out_ptr, b, c, offs_t, offs_s, s_ob, s_oc, s_ot):
-        """Output addresses of channel ``c``'s tile (dense mode)."""
+        """Output addresses of the tile of ``c``: a channel (dense mode) or a channel group (the reductions)."""
         return out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
 
     @triton.jit
@@ -326,7 +326,7 @@ if triton is not None:
                 )
             if HAS_RSC:
                 m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
-            acc = _emit(acc, m, out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :], mask_ts, MODE)
+            acc = _emit(acc, m, _tile_ptrs(out_ptr, b, c, offs_t, offs_s, s_ob, s_oc, s_ot), mask_ts, MODE)
         return acc
 
     @triton.jit
@@ -358,14 +358,14 @@ if triton is not None:
         if bj > bi:  # above the diagonal: dense mode writes its zeros
             zero = tl.zeros((BT, BS), dtype=tl.float32)
             for lc in range(lc0, lc1):
-                ptrs = out_ptr + b * s_ob + (c_base + lc) * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
+                ptrs = _tile_ptrs(out_ptr, b, c_base + lc, offs_t, offs_s, s_ob, s_oc, s_ot)
                 tl.store(ptrs, zero, mask=mask_ts)
         else:
             pivot = bi * BT - 1
             # columns (with their conv halo) left of the row block: precomputed factors, one product
             far = bj * BS + BS - 1 + K - 1 <= pivot
             col_pivot = tl.minimum(bj * BS + BS - 1 + K - 1, L - 1)
-            out_tile = out_ptr + b * s_ob + grp * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
+            out_tile = _tile_ptrs(out_ptr, b, grp, offs_t, offs_s, s_ob, s_oc, s_ot)
             if ACCUMULATE:
                 acc = tl.load(out_tile, mask=mask_ts, other=0.0)
             else:
