@@ -371,23 +371,9 @@ if triton is not None:
             else:
                 acc = tl.zeros((BT, BS), dtype=tl.float32)
             # far tiles (almost all) and the two next to the diagonal run separate branch-free loops, so the
-            # far loop's loads can be pipelined across channels; a launch of only one kind compiles only its
-            # loop, so the far loop gets registers of its own (see SEPARATE_FAR)
-            if TILES == 1:
-                acc = _far_channels(
-                    acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
-                    b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
-                    mask_t, mask_s, mask_n, mask_ts, L, C, N, s_ob, s_oc, s_ot, N_P, BT, BS, MODE, PRODUCT, FAR, UNROLL,
-                )
-            elif TILES == 2:
-                acc = _near_channels(
-                    acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
-                    skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
-                    b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
-                    L, C, H, N, s_ob, s_oc, s_ot,
-                    N_P, K, BT, BS, MODE, HAS_SKIP, HAS_LSC, HAS_RSC, HAS_COL, PRODUCT, NEAR_EXACT,
-                )
-            elif far:
+            # far loop's loads can be pipelined across channels; TILES is a constexpr, so a launch of only one
+            # kind folds this test and compiles only its loop: the far loop gets registers of its own (SEPARATE_FAR)
+            if TILES == 1 or (TILES == 0 and far):
                 acc = _far_channels(
                     acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
                     b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
