@@ -32,7 +32,8 @@ from conftest import rel_err, requires_cuda  # noqa: E402
 from test_lrp import tiny_mamba  # noqa: E402
 from test_lrp_families import VOCAB, tiny_mamba2  # noqa: E402
 from _lrp_checks import (  # noqa: E402
-    CONSERVE, FLOAT32, assert_restored, check_restored_after_context, model_state, rel_conservation,
+    CONSERVE, FLOAT32, assert_restored, check_restored_after_context, draw_target_and_mask, model_state,
+    rel_conservation,
 )
 
 # GPU runs: mamba-ssm's SSD Triton dots in IEEE float32 and cuDNN / matmul TF32 off (tests/conftest.py), so the
@@ -231,9 +232,14 @@ def test_conservation_float64(data):
     if kind == "mamba2":
         _variant(model, norm_before_gate=data.draw(st.booleans()), d_has_hdim=data.draw(st.booleans()),
                  rmsnorm=data.draw(st.booleans()), mlp=data.draw(st.booleans()), seed=3)
-    batch, length = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 13))
+    check_conservation(model, data, max_length=13)
+
+
+def check_conservation(model: nn.Module, data, max_length: int) -> None:
+    """Drawn ids (batch 1–2, length 1–``max_length``) and targets: the relevance sums to the target logit."""
+    batch, length = data.draw(st.integers(1, 2)), data.draw(st.integers(1, max_length))
     ids = _ids(batch, length, data.draw(st.integers(0, 99)))
-    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
+    target, _ = draw_target_and_mask(data, batch, length, VOCAB, padded=False)
     R, f, _ = relevance(model, ids, target)
     assert R.shape == ids.shape
     assert rel_conservation(R, f) <= CONSERVE

@@ -40,10 +40,9 @@ from conftest import OutputRecorder, rel_err, requires_cuda  # noqa: E402
 from _lrp_checks import (  # noqa: E402
     CONSERVE, FLOAT32, assert_restored, check_restored_after_context, model_state, rel_conservation,
 )
-from test_lrp_mamba_ssm import _gpu_ids, relevance  # noqa: E402
+from test_lrp_mamba_ssm import VOCAB, _gpu_ids, _ids, check_conservation, relevance  # noqa: E402
 
 EXAMPLES = min(settings().max_examples, 6)
-VOCAB = 24
 SIMPLE = "mamba_ssm.modules.mamba_simple"
 
 
@@ -371,10 +370,6 @@ def hybrid(attn: dict, layers=("mamba", "mha", "mamba"), d_model=8, seed=0, dtyp
     return model
 
 
-def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
-    return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 def mha_configs():
     """MHA options: GQA (heads_kv), head_dim ≠ d_model / heads, mlp_dim (rounded up to 256 by MHA), d_conv, rotary
     (flash_attn's maths; partial or full head dim, interleaved or not), causal or not, softmax_scale."""
@@ -540,12 +535,7 @@ def test_hybrid_logits_under_composite(dtype):
 def test_conservation_float64(cfg, data):
     model = hybrid(cfg, layers=data.draw(st.sampled_from([("mamba", "mha"), ("mha", "mamba", "mha")])),
                    seed=data.draw(st.integers(0, 50)), zero_biases=True)
-    batch, length = data.draw(st.integers(1, 2)), data.draw(st.integers(1, 16))
-    ids = _ids(batch, length, data.draw(st.integers(0, 99)))
-    target = torch.tensor(data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=batch, max_size=batch)))
-    R, f, _ = relevance(model, ids, target)
-    assert R.shape == ids.shape
-    assert rel_conservation(R, f) <= CONSERVE
+    check_conservation(model, data, max_length=16)
 
 
 # without the rule the relevance misses the logit by more than this
