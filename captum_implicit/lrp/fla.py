@@ -95,13 +95,19 @@ def _joined(relevance: Tensor, value: Callable[[], Tensor]) -> Tensor:
 
 
 # ---------------------------------------------------------------- norms
+def _held_rms(module: nn.Module, rules: GatedLinearRules, x: Tensor, residual: Tensor | None,
+              residual_in_fp32: bool) -> tuple[Tensor, Tensor]:
+    """``(x [+ residual]) · rsqrt(mean x² + ε) · w + b`` with the scale held, and the residual fla's fused add
+    returns; in the norm's compute dtype."""
+    total, res_out = fla_torch.with_residual(x, residual, residual_in_fp32)
+    rel = total * hold(fla_torch.rms_factor(total, module.weight, module.eps), rules.detach_norm)
+    return (rel + module.bias if module.bias is not None else rel), res_out
+
+
 def rms_norm_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor, residual: Tensor | None = None,
                  prenorm: bool = False, residual_in_fp32: bool = False) -> Any:
     """LRP form of fla's ``RMSNorm.forward``: ``x · rsqrt(mean x² + ε) · w + b``, scale held (fused add too)."""
-    total, res_out = fla_torch.with_residual(x, residual, residual_in_fp32)
-    rel = total * hold(fla_torch.rms_factor(total, module.weight, module.eps), rules.detach_norm)
-    if module.bias is not None:
-        rel = rel + module.bias
+    rel, res_out = _held_rms(module, rules, x, residual, residual_in_fp32)
     rel = rel.to(x.dtype)
 
     def value() -> Tensor:
@@ -116,10 +122,7 @@ def rms_norm_gated_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor, g:
                        residual: Tensor | None = None, prenorm: bool = False, residual_in_fp32: bool = False) -> Any:
     """LRP form of fla's ``FusedRMSNormGated.forward``: ``(x / rms(x) · w + b) ⊙ act(g)``: scale held, identity
     rule on the activation, half rule on the product."""
-    total, res_out = fla_torch.with_residual(x, residual, residual_in_fp32)
-    rel = total * hold(fla_torch.rms_factor(total, module.weight, module.eps), rules.detach_norm)
-    if module.bias is not None:
-        rel = rel + module.bias
+    rel, res_out = _held_rms(module, rules, x, residual, residual_in_fp32)
     rel = rel * act(lambda t: fla_torch.activate(t, module.activation), g, rules)
     if rules.half_gate:
         rel = uniform_rule(rel, 2)

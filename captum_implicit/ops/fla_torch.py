@@ -18,6 +18,7 @@ from torch import Tensor
 from ..core.errors import CaptureError
 from ..layers.gated_deltanet import l2_normalise
 
+
 def refuse_varlen_or_state(cu_seqlens: Any = None, initial_state: Any = None) -> None:
     if cu_seqlens is not None:
         raise CaptureError(
@@ -144,6 +145,11 @@ def torch_rotary(x, cos, sin, interleaved=False, inplace=False, seqlen_offsets=0
     return rotary_embedding_ref(x, cos.to(x.dtype), sin.to(x.dtype), interleaved)
 
 
+def scaled_for_naive(q: Tensor, scale: float | None) -> Tensor:
+    """``q`` for a naive reference that hard-codes the scale ``dk^{-1/2}``, so that it applies ``scale`` instead."""
+    return q if scale is None else q * (scale * q.shape[-1] ** 0.5)
+
+
 def torch_gla(q, k, v, g=None, gk=None, gv=None, scale=None, initial_state=None, output_final_state=False,
                reverse=False, state_v_first=False, cu_seqlens=None, **_):
     from fla.ops.gla.naive import naive_recurrent_gla
@@ -151,10 +157,8 @@ def torch_gla(q, k, v, g=None, gk=None, gv=None, scale=None, initial_state=None,
     refuse_varlen_or_state(cu_seqlens, initial_state)
     if gv is not None or reverse:
         raise CaptureError("fla GLA kernel with gv / reverse is not routed on CPU")
-    dk = q.shape[-1]
-    if scale is not None:  # naive_recurrent_gla hard-codes dk^{-1/2}
-        q = q * (scale * dk**0.5)
-    o, state = naive_recurrent_gla(q, k, v, g if g is not None else gk, None, output_final_state)
+    gate = g if g is not None else gk
+    o, state = naive_recurrent_gla(scaled_for_naive(q, scale), k, v, gate, None, output_final_state)
     if state is not None and state_v_first:
         state = state.transpose(-1, -2)
     return o, state
@@ -166,9 +170,7 @@ def torch_retention(q, k, v, scale=None, initial_state=None, output_final_state=
     refuse_varlen_or_state(cu_seqlens, initial_state)
     if output_final_state:
         raise CaptureError("fla retention on CPU: explain with use_cache=False (the naive reference keeps no state)")
-    if scale is not None:  # naive_retention hard-codes dk^{-1/2}
-        q = q * (scale * q.shape[-1] ** 0.5)
-    o = naive_retention(*(x.transpose(1, 2) for x in (q, k, v)))
+    o = naive_retention(*(x.transpose(1, 2) for x in (scaled_for_naive(q, scale), k, v)))
     return o.transpose(1, 2), None
 
 
@@ -185,8 +187,7 @@ def torch_delta_rule(q, k, v, beta=None, scale=None, initial_state=None, output_
 
     refuse_varlen_or_state(cu_seqlens, initial_state)
     q, k = delta_qk(q, k, use_qk_l2norm_in_kernel)
-    if scale is not None:  # delta_rule_recurrence hard-codes dk^{-1/2}
-        q = q * (scale * q.shape[-1] ** 0.5)
+    q = scaled_for_naive(q, scale)
     beta = torch.ones_like(v[..., 0]) if beta is None else beta.float()
     o, state = delta_rule_recurrence(*(x.transpose(1, 2) for x in (q, k, v, beta)), None, output_final_state)
     return o.transpose(1, 2).to(v.dtype), state
