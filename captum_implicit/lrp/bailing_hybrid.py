@@ -24,10 +24,9 @@ import torch
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, fill_cache_first_call, hold
+from .common import act, fill_cache_first_call, half_rule, hold
 from .kimi_linear import kda_lrp, kimi_moe_lrp, kimi_rms_norm_gated_lrp
 from .mamba import rms_norm_lrp
-from .primitives import uniform_rule
 from .qwen3_next import qwen3_next_experts_lrp
 from .recurrent_gemma import rg_mlp_lrp
 
@@ -82,8 +81,7 @@ def bailing_attention_lrp(
         dropout=0.0 if not module.training else module.attention_dropout, scaling=module.scaling, **kwargs,
     )
     out = out * act(_sigmoid32, module.g_proj(hidden_states), rules).unsqueeze(-1)
-    if rules.half_gate:
-        out = uniform_rule(out, 2)
+    out = half_rule(out, rules)
     return module.o_proj(out.reshape(batch, seq_len, -1).contiguous()), weights
 
 

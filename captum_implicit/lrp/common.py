@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..core.capture import torch_fallback_of
 from .canonizers import GatedLinearRules, LRPError
-from .primitives import cast_rule, identity_rule, proportional, round_rule, stop_gradient
+from .primitives import cast_rule, identity_rule, proportional, round_rule, stop_gradient, uniform_rule
 
 
 def cast(x: Tensor, dtype: torch.dtype, rules: GatedLinearRules) -> Tensor:
@@ -177,6 +177,12 @@ def exact_region(
         value = fn(narrow)
     relevance = fn(wide)
     return proportional(relevance, value.to(relevance.dtype))
+
+
+def half_rule(x: Tensor, rules: GatedLinearRules) -> Tensor:
+    """``x``, the result of a product of two input-dependent factors, under the half rule when ``rules.half_gate``
+    is on (each factor gets half of the product's relevance; MambaLRP)."""
+    return uniform_rule(x, 2) if rules.half_gate else x
 
 
 def project_heads(module: nn.Module, hidden_states: Tensor, *projections: str) -> tuple[Tensor, ...]:

@@ -26,21 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, exact_region, hold
+from .common import act, exact_region, half_rule, hold
 from .mamba import rms_norm_lrp
 from .mamba2 import mamba2_mixer_core
 from .mamba2_hybrids import softmax_attention_lrp
-from .primitives import uniform_rule
 
 _HF = "transformers.models.falcon_h1.modeling_falcon_h1"
 
 
-def _half(x: Tensor, rules: GatedLinearRules) -> Tensor:
-    return uniform_rule(x, 2) if rules.half_gate else x
-
-
 def _gated(y: Tensor, gate: Tensor, rules: GatedLinearRules) -> Tensor:
-    return _half(y * act(F.silu, gate, rules), rules)
+    return half_rule(y * act(F.silu, gate, rules), rules)
 
 
 def falcon_h1_gated_norm(
@@ -92,7 +87,7 @@ def falcon_h1_mixer_lrp(
 def falcon_h1_mlp_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor) -> Tensor:
     """LRP form of ``FalconH1MLP.forward``: ``down(up x ⊙ act(m_g · gate x)) · m_d``."""
     y = module.up_proj(x) * act(module.act_fn, module.gate_proj(x) * module.gate_multiplier, rules)
-    return module.down_proj(_half(y, rules)) * module.down_multiplier
+    return module.down_proj(half_rule(y, rules)) * module.down_multiplier
 
 
 for _cls, _fwd, _note in [

@@ -40,8 +40,8 @@ from ..ops import fla_torch
 from ..layers.gated_deltanet import DeltaRuleAttention, build_delta_rule_attention
 from ..layers.gla import build_gla_attention, retention_log_decay
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, continuation_refused, exact_region, held_delta_rule, hold
-from .primitives import proportional, uniform_rule
+from .common import act, continuation_refused, exact_region, half_rule, held_delta_rule, hold
+from .primitives import proportional
 from .qwen3_next import gated_delta_rule_recurrent
 
 _L = "fla.layers"
@@ -124,8 +124,7 @@ def rms_norm_gated_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor, g:
     rule on the activation, half rule on the product."""
     rel, res_out = _held_rms(module, rules, x, residual, residual_in_fp32)
     rel = rel * act(lambda t: fla_torch.activate(t, module.activation), g, rules)
-    if rules.half_gate:
-        rel = uniform_rule(rel, 2)
+    rel = half_rule(rel, rules)
     rel = rel.to(x.dtype)
 
     def value() -> Tensor:
@@ -219,8 +218,7 @@ def _output(module: nn.Module, rules: GatedLinearRules, o: Tensor, x: Tensor) ->
         if module.use_output_gate:
             g = module.g_proj(x)
             o = o * act(_gate_fn(module, g), g, rules)
-            if rules.half_gate:
-                o = uniform_rule(o, 2)
+            o = half_rule(o, rules)
     return module.o_proj(o)
 
 
@@ -325,8 +323,7 @@ def rwkv6_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor,
                   r, k, v, w, scale=1.0, bonus=module.bonus, u=hold(module.bonus, rules.detach_ssm))
     o = group_norm_lrp(module.g_norm, rules, o.flatten(-2))
     o = o * act(_gate_fn(module, g), g, rules)
-    if rules.half_gate:
-        o = uniform_rule(o, 2)
+    o = half_rule(o, rules)
     return module.o_proj(o), None, past_key_values
 
 

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, exact_region, fill_cache_first_call, held_delta_rule, hold, mask_padding, refuse_cached_state
+from .common import (
+    act, exact_region, fill_cache_first_call, half_rule, held_delta_rule, hold, mask_padding, refuse_cached_state,
+)
 from .mamba import _conv_is_causal, rms_norm_lrp
-from .primitives import uniform_rule
 from .qwen3_next import qwen3_next_experts_lrp
 from .recurrent_gemma import rg_mlp_lrp
 
@@ -143,8 +144,7 @@ def kimi_rms_norm_gated_lrp(module: nn.Module, rules: GatedLinearRules, hidden_s
         scale = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
         h = module.weight.to(compute_dtype) * (h * hold(scale, rules.detach_norm))
         out = h * act(ACT2FN[module.activation], gate.to(compute_dtype), rules)
-        if rules.half_gate:
-            out = uniform_rule(out, 2)
+        out = half_rule(out, rules)
         return out.to(dtype)
 
     return exact_region(region, dtype, torch.float32, rules)

@@ -20,15 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, held_softmax_attention, mask_padding, refuse_cached_state
+from .common import act, half_rule, held_softmax_attention, mask_padding, refuse_cached_state
 from .mamba import _conv_is_causal, rms_norm_lrp
-from .primitives import uniform_rule
 
 _HF = "transformers.models.lfm2.modeling_lfm2"
-
-
-def _half(x: Tensor, rules: GatedLinearRules) -> Tensor:
-    return uniform_rule(x, 2) if rules.half_gate else x
 
 
 def short_conv_lrp(
@@ -46,7 +41,7 @@ def short_conv_lrp(
     refuse_cached_state(module, cache, recurrent=False)
     hidden_states = mask_padding(hidden_states, attention_mask)
     B, C, x = module.in_proj(hidden_states).transpose(-1, -2).chunk(3, dim=-2)
-    h = _half(B * x, rules)
+    h = half_rule(B * x, rules)
     if cache is not None:  # HF conv's the (possibly left-padded) prefill it caches; same numbers, live graph
         full = cache.update_conv_state(h.detach(), module.layer_idx, conv_kernel_size=module.conv_kernel_size)
         h = F.pad(h, (full.shape[-1] - seq_len, 0))
@@ -57,13 +52,13 @@ def short_conv_lrp(
         conv = F.conv1d(h.to(weight.dtype), weight=weight, bias=module.conv.bias, padding=weight.shape[-1] - 1,
                         groups=h.shape[1])
     conv = conv[:, :, : h.shape[-1]].to(h.dtype)
-    y = _half(C * conv[:, :, -seq_len:], rules)
+    y = half_rule(C * conv[:, :, -seq_len:], rules)
     return module.out_proj(y.transpose(-1, -2).contiguous())
 
 
 def lfm2_mlp_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor) -> Tensor:
     """LRP form of ``Lfm2MLP.forward``: ``w2(SiLU(w1 x) ⊙ w3 x)``."""
-    return module.w2(_half(act(F.silu, module.w1(x), rules) * module.w3(x), rules))
+    return module.w2(half_rule(act(F.silu, module.w1(x), rules) * module.w3(x), rules))
 
 
 def lfm2_attention_lrp(

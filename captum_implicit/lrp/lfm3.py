@@ -20,10 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, held_softmax_attention
+from .common import act, half_rule, held_softmax_attention
 from .lfm2 import lfm2_mlp_lrp, short_conv_lrp
 from .mamba import rms_norm_lrp
-from .primitives import uniform_rule
 
 _HF = "transformers.models.lfm3.modeling_lfm3"
 
@@ -70,8 +69,7 @@ def qk_norm_attention_lrp(
     )
     if getattr(module, "g_proj", None) is not None:  # (b, L, heads, d) ⊙ σ(g)(b, L, heads, 1)
         out = out * act(torch.sigmoid, module.g_proj(hidden_states), rules).unsqueeze(-1)
-        if rules.half_gate:
-            out = uniform_rule(out, 2)
+        out = half_rule(out, rules)
     return module.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
 
 

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, cast, mask_padding, refuse_cached_state, round_to
-from .primitives import proportional, stop_gradient, uniform_rule
+from .common import act, cast, half_rule, mask_padding, refuse_cached_state, round_to
+from .primitives import proportional, stop_gradient
 
 _HF = "transformers.models.mamba.modeling_mamba"
 
@@ -82,8 +82,7 @@ def selective_scan_lrp(
         y = y + u * D[None, :, None]
     if z is not None:
         y = y * act(F.silu, z, rules)
-        if rules.half_gate:
-            y = uniform_rule(y, 2)
+        y = half_rule(y, rules)
     return y, state
 
 

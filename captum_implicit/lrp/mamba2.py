@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, exact_region, hold, mask_padding, refuse_cached_state, round_to
+from .common import act, cast, exact_region, half_rule, hold, mask_padding, refuse_cached_state, round_to
 from .mamba import _conv_is_causal, rms_norm_lrp
-from .primitives import uniform_rule
 
 _HF = "transformers.models.mamba2.modeling_mamba2"
 
@@ -129,8 +128,7 @@ def gated_norm_lrp(
     """
     input_dtype = y.dtype
     h = y.to(compute_dtype) * act(F.silu, gate.to(compute_dtype), rules)
-    if rules.half_gate:
-        h = uniform_rule(h, 2)
+    h = half_rule(h, rules)
     *prefix, last = h.shape
     if not hasattr(norm, "group_size"):
         # measured on transformers 5.17 (GPU machine): its Mamba2 torch path differs from the form below, which

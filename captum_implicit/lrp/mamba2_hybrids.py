@@ -30,19 +30,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, cast, held_softmax_attention, hold, project_heads
+from .common import act, cast, half_rule, held_softmax_attention, hold, project_heads
 from .jamba import jamba_moe_lrp
 from .mamba import rms_norm_lrp
 from .mamba2 import mamba2_mixer_lrp
-from .primitives import proportional, uniform_rule
+from .primitives import proportional
 from .qwen3_next import qwen3_next_experts_lrp
 from .recurrent_gemma import rg_mlp_lrp
 
 _MODELS = "transformers.models"
-
-
-def _half(x: Tensor, rules: GatedLinearRules) -> Tensor:
-    return uniform_rule(x, 2) if rules.half_gate else x
 
 
 def softmax_attention_lrp(
@@ -92,7 +88,7 @@ def fp32_weight_rms_norm_lrp(module: nn.Module, rules: GatedLinearRules, hidden_
 def granite_shared_mlp_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor) -> Tensor:
     """LRP form of ``GraniteMoeHybridMLP.forward``: ``out(act(a) ⊙ b)`` with ``(a, b) = in(x)``."""
     gate, up = module.input_linear(hidden_states).chunk(2, dim=-1)
-    return module.output_linear(_half(act(module.activation, gate, rules) * up, rules))
+    return module.output_linear(half_rule(act(module.activation, gate, rules) * up, rules))
 
 
 def nemotron_h_mlp_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor) -> Tensor:

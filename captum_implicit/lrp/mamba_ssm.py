@@ -35,10 +35,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, continuation_refused, hold, round_to
+from .common import act, cast, continuation_refused, half_rule, hold, round_to
 from .mamba import selective_scan_lrp
 from .mamba2 import ssd_scan_lrp
-from .primitives import uniform_rule
 
 _SIMPLE = "mamba_ssm.modules.mamba_simple"
 _MAMBA2 = "mamba_ssm.modules.mamba2"
@@ -69,10 +68,6 @@ def _store(x: Tensor, dtype: torch.dtype, rules: GatedLinearRules) -> Tensor:
     if x.dtype == torch.float64 and dtype != torch.float64:
         return round_to(x, dtype, rules)
     return cast(x, dtype, rules)
-
-
-def _half(x: Tensor, rules: GatedLinearRules) -> Tensor:
-    return uniform_rule(x, 2) if rules.half_gate else x
 
 
 def _states(module: nn.Module, inference_params: Any, batch: int) -> tuple[Tensor | None, Tensor | None]:
@@ -145,7 +140,7 @@ def gated_rms_norm_lrp(
     h = y.to(compute_dtype)
     gate = act(F.silu, z.to(compute_dtype), rules) if z is not None else None
     if gate is not None and not norm.norm_before_gate:
-        h = _half(h * gate, rules)
+        h = half_rule(h * gate, rules)
     *prefix, channels = h.shape
     size = norm.group_size or channels
     groups = h.view(*prefix, channels // size, size)
@@ -154,7 +149,7 @@ def gated_rms_norm_lrp(
     if norm.bias is not None:
         out = out + norm.bias.to(compute_dtype)
     if gate is not None and norm.norm_before_gate:
-        out = _half(out * gate, rules)
+        out = half_rule(out * gate, rules)
     return _store(out, y.dtype, rules)
 
 
@@ -240,9 +235,9 @@ def mamba_ssm2_mixer_lrp(
     if module.rmsnorm:  # the scan's output stored in x's dtype, then the gated norm
         y = gated_rms_norm_lrp(_store(y, dtype, rules), z, module.norm, compute, rules)
     else:  # the gate inside the scan kernel: (y + D x) ⊙ SiLU(z) before the store
-        y = _store(_half(y * act(F.silu, z.to(compute), rules), rules), dtype, rules)
+        y = _store(half_rule(y * act(F.silu, z.to(compute), rules), rules), dtype, rules)
     if d_mlp > 0:
-        y = torch.cat([_half(act(F.silu, z0, rules) * x0, rules), y], dim=-1)
+        y = torch.cat([half_rule(act(F.silu, z0, rules) * x0, rules), y], dim=-1)
     out = module.out_proj(y)
     return out.reshape(batch * length, -1) if flat else out
 
@@ -255,7 +250,7 @@ def gated_rms_norm_module_lrp(module: nn.Module, rules: GatedLinearRules, x: Ten
 def gated_mlp_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor) -> Tensor:
     """LRP form of ``mlp.GatedMLP.forward(x)``: ``fc2(y ⊙ act(gate))``, identity rule on the activation, half rule."""
     y, gate = module.fc1(x).chunk(2, dim=-1)
-    return module.fc2(_half(y * act(module.activation, gate, rules), rules))
+    return module.fc2(half_rule(y * act(module.activation, gate, rules), rules))
 
 
 def _rotary_cos_sin(rotary: nn.Module, length: int, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -312,7 +307,7 @@ def mha_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor, inference_par
     if module.mlp_dim > 0:
         qkv, x_mlp = qkv.split([qkv.shape[-1] - module.mlp_dim, module.mlp_dim], dim=-1)
         up, gate = x_mlp.chunk(2, dim=-1)
-        x_mlp = _half(up * act(F.silu, gate, rules), rules)
+        x_mlp = half_rule(up * act(F.silu, gate, rules), rules)
     if module.d_conv > 0:  # depthwise causal conv, no activation: linear (its bias absorbs relevance)
         qkv = module.conv1d(qkv.transpose(1, 2))[..., :length].transpose(1, 2)
         if inference_params is not None:  # the module stores the conv's *output* (as mha.py does)

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, continuation_refused, held_softmax_attention, hold, mask_padding, project_heads
+from .common import act, continuation_refused, half_rule, held_softmax_attention, hold, mask_padding, project_heads
 from .mamba import rms_norm_lrp
-from .primitives import uniform_rule
 from .qwen3_next import qwen3_next_experts_lrp
 
 _HF = "transformers.models.minimax.modeling_minimax"
@@ -97,8 +96,7 @@ def lightning_lrp(
     out, inter = lightning_blocks(module, query, key, value)
     out = out.transpose(1, 2).reshape(batch, seq_len, module.num_attention_heads * module.head_dim)
     out = act(F.sigmoid, module.output_gate(hidden_states), rules) * module.norm(out)
-    if rules.half_gate:
-        out = uniform_rule(out, 2)
+    out = half_rule(out, rules)
     out = module.out_proj(out)
     if cache is not None:
         cache.set_linear_cache(module.layer_idx, inter.detach())

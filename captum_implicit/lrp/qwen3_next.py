@@ -32,9 +32,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, exact_region, held_delta_rule, held_softmax_attention, hold, mask_padding, refuse_cached_state
+from .common import (
+    act, exact_region, half_rule, held_delta_rule, held_softmax_attention, hold, mask_padding, refuse_cached_state,
+)
 from .mamba import _conv_is_causal
-from .primitives import proportional, uniform_rule
+from .primitives import proportional
 from .recurrent_gemma import rg_mlp_lrp, rg_rms_norm_lrp
 
 _HF = "transformers.models.qwen3_next.modeling_qwen3_next"
@@ -171,8 +173,7 @@ def rms_norm_gated_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states
         scale = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
         h = module.weight * (h * hold(scale, rules.detach_norm)).to(dtype)
         out = h * act(ACT2FN[module.activation], gate.to(compute_dtype), rules)
-        if rules.half_gate:
-            out = uniform_rule(out, 2)
+        out = half_rule(out, rules)
         return out.to(dtype)
 
     return exact_region(region, dtype, torch.float32, rules)
@@ -206,8 +207,7 @@ def qwen3_next_attention_lrp(
     )
     out = out.reshape(*input_shape, -1).contiguous()
     out = out * act(torch.sigmoid, gate, rules)
-    if rules.half_gate:
-        out = uniform_rule(out, 2)
+    out = half_rule(out, rules)
     return module.o_proj(out), weights
 
 
@@ -222,7 +222,7 @@ def swiglu(gate: Tensor, up: Tensor, rules: GatedLinearRules, act_fn: Any = F.si
         gate = act(lambda t: t.clamp(max=limit), gate, rules)
         up = act(lambda t: t.clamp(min=-limit, max=limit), up, rules)
     h = act(act_fn, gate, rules) * up
-    return uniform_rule(h, 2) if rules.half_gate else h
+    return half_rule(h, rules)
 
 
 def qwen3_next_experts_lrp(

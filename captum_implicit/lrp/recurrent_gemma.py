@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, continuation_refused, exact_region, held_softmax_attention, hold, project_heads
-from .primitives import proportional, uniform_rule
+from .common import (
+    act, cast, continuation_refused, exact_region, half_rule, held_softmax_attention, hold, project_heads,
+)
+from .primitives import proportional
 
 _HF = "transformers.models.recurrent_gemma.modeling_recurrent_gemma"
 
@@ -143,8 +145,7 @@ def rg_recurrent_block_lrp(
         x_branch = module.conv_1d(x_branch)[..., :seq_len]
     x_branch = module.rg_lru(x_branch.transpose(1, 2), position_ids)
     hidden = x_branch * y_branch
-    if rules.half_gate:
-        hidden = uniform_rule(hidden, 2)
+    hidden = half_rule(hidden, rules)
     return module.linear_out(hidden), None
 
 
@@ -152,8 +153,7 @@ def rg_mlp_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states: Tensor
     """LRP form of ``RecurrentGemmaMlp.forward``: ``down(GELU(gate(h)) ⊙ up(h))``."""
     gate = act(module.act_fn, module.gate_proj(hidden_states), rules)
     hidden = gate * module.up_proj(hidden_states)
-    if rules.half_gate:
-        hidden = uniform_rule(hidden, 2)
+    hidden = half_rule(hidden, rules)
     return module.down_proj(hidden)
 
 

@@ -20,8 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, hold
-from .primitives import uniform_rule
+from .common import act, half_rule, hold
 
 _HF = "transformers.models.rwkv.modeling_rwkv"
 
@@ -118,8 +117,7 @@ def rwkv_attention_lrp(
         for i, s in enumerate(layer_state):
             state[2 + i][:, :, lid] = s.detach()
     out = receptance * rwkv
-    if rules.half_gate:
-        out = uniform_rule(out, 2)
+    out = half_rule(out, rules)
     return module.output(out), state
 
 
@@ -137,8 +135,7 @@ def rwkv_feed_forward_lrp(
     if state is not None:
         state[0][:, :, module.layer_id] = hidden[:, -1].detach()
     out = receptance * value
-    if rules.half_gate:
-        out = uniform_rule(out, 2)
+    out = half_rule(out, rules)
     return out, state
 
 

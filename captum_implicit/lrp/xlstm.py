@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, exact_region, hold
-from .primitives import identity_rule, uniform_rule
+from .common import act, cast, exact_region, half_rule, hold
+from .primitives import identity_rule
 
 _HF = "transformers.models.xlstm.modeling_xlstm"
 
@@ -120,8 +120,7 @@ def xlstm_layer_lrp(
     h = exact_region(region, value.dtype, torch.float32, rules)
     h = module.multihead_norm(h.transpose(1, 2)).reshape(batch, seq_len, -1)
     out = act(module.ogate_act_fn, o_preact, rules) * h
-    if rules.half_gate:
-        out = uniform_rule(out, 2)
+    out = half_rule(out, rules)
     return module.out_proj(out), (final[0] if final else None)
 
 
@@ -160,8 +159,7 @@ def xlstm_ffn_lrp(module: nn.Module, rules: GatedLinearRules, x: Tensor) -> Tens
     else:
         gate, up = torch.tensor_split(module.proj_up_gate_z(x), (module.up_proj_dim,), dim=-1)
     h = act(module.act_fn, gate, rules) * up
-    if rules.half_gate:
-        h = uniform_rule(h, 2)
+    h = half_rule(h, rules)
     return module.proj_down(h)
 
 

@@ -28,10 +28,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
-from .common import act, held_softmax_attention
+from .common import act, half_rule, held_softmax_attention
 from .mamba import rms_norm_lrp
 from .mamba2 import mamba2_mixer_lrp
-from .primitives import uniform_rule
 
 _HF = "transformers.models.zamba2.modeling_zamba2"
 
@@ -85,8 +84,7 @@ def zamba2_mlp_lrp(module: nn.Module, rules: GatedLinearRules, hidden_state: Ten
     gate_up = gate_up + module.gate_up_proj_adapter_list[module.layer_dic[layer_idx]](hidden_state)
     gate, up = gate_up.chunk(2, dim=-1)
     hidden = act(module.act_fn, gate, rules) * up
-    if rules.half_gate:
-        hidden = uniform_rule(hidden, 2)
+    hidden = half_rule(hidden, rules)
     return module.down_proj(hidden)
 
 
