@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import cast, hold
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import cast, continuation_refused, hold
 from .primitives import proportional
 from .qwen3_5 import split_gdn_lrp
 from .qwen3_next import qwen3_next_attention_lrp, qwen3_next_experts_lrp, qwen3_next_moe_lrp, rms_norm_gated_lrp
@@ -95,10 +95,7 @@ def qsa_attention_lrp(
     if cache is None:
         cache = kwargs.pop("past_key_values", None)
     if cache is not None and cache.get_seq_length(module.layer_idx) > 0:  # before the indexer writes to the cache
-        raise LRPError(
-            f"{type(module).__name__} layer {module.layer_idx}: this call continues from a cached state; run the full "
-            "sequence in one forward (use_cache=False)."
-        )
+        raise continuation_refused(f"{type(module).__name__} layer {module.layer_idx}")
     with torch.no_grad():  # a discrete choice (top-k blocks), as HF computes it
         selected = module.indexer(hidden_states, position_embeddings, attention_mask, cache)
     if attention_mask.dtype == torch.bool:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, cast, exact_region, half_rule, hold
+from .common import act, cast, continuation_refused, exact_region, half_rule, hold
 from .primitives import identity_rule
 
 _HF = "transformers.models.xlstm.modeling_xlstm"
@@ -83,10 +83,7 @@ def xlstm_layer_lrp(
     from transformers.models.xlstm.modeling_xlstm import soft_cap
 
     if not _state_is_empty(state):
-        raise LRPError(
-            "xLSTMLayer: this call continues from a cached state; run the full sequence in one forward "
-            "(use_cache=False)."
-        )
+        raise continuation_refused("xLSTMLayer")
     config = module.config
     batch, seq_len, _ = x.shape
     if config.weight_mode == "single":
