@@ -135,6 +135,14 @@ def stand_in(hf_model: nn.Module, fused: bool, residual_in_fp32: bool) -> nn.Mod
     return _set(LMHead(), backbone=backbone, lm_head=hf_model.lm_head)
 
 
+def zero_biases_but_dt(model: nn.Module) -> None:
+    """Every bias zero (conservation then holds exactly) except dt_proj's, which feeds the held Δ only."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "dt_proj" not in name:
+                p.zero_()
+
+
 def _ids(batch: int, length: int, seed: int) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -362,10 +370,7 @@ def test_gpu_conservation(layer, fused, fp32, mlp, ssm):
     kernel runs (every module of the model has a pure-torch form, the rest is embedding / Linear / Conv1d), so the
     model converted with ``.double()`` runs there; its plain forward is never called. float32: ≤ 1e-4."""
     model = _real(layer, fused, fp32, mlp, **ssm)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and "dt_proj" not in name:  # dt_proj.bias / dt_bias feed the held Δ only
-                p.zero_()
+    zero_biases_but_dt(model)
     ids, target = _gpu_ids(2, 70, 2), torch.tensor([3, 7], device="cuda")
     R, f, _ = relevance(model, ids, target)
     assert rel_conservation(R.double(), f.double()) < FLOAT32
@@ -386,10 +391,7 @@ def test_gpu_ablation_and_model_unchanged(layer):
     ref = model(ids).logits.detach()
     check_restored_after_context(model, ids, logits=lambda m, x: m(x).logits)
     assert torch.equal(model(ids).logits, ref)  # the real forward (kernels) again, bit for bit
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and "dt_proj" not in name:
-                p.zero_()
+    zero_biases_but_dt(model)
     model.double()
     R, f, _ = relevance(model, ids, target)
     assert rel_conservation(R, f) <= CONSERVE

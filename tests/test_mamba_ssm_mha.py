@@ -40,7 +40,9 @@ from conftest import OutputRecorder, rel_err, requires_cuda  # noqa: E402
 from _lrp_checks import (  # noqa: E402
     CONSERVE, FLOAT32, assert_restored, check_restored_after_context, model_state, rel_conservation,
 )
-from test_lrp_mamba_ssm import VOCAB, _gpu_ids, _ids, check_conservation, relevance  # noqa: E402
+from test_lrp_mamba_ssm import (  # noqa: E402
+    VOCAB, _gpu_ids, _ids, check_conservation, relevance, zero_biases_but_dt,
+)
 
 EXAMPLES = min(settings().max_examples, 6)
 SIMPLE = "mamba_ssm.modules.mamba_simple"
@@ -363,10 +365,7 @@ def hybrid(attn: dict, layers=("mamba", "mha", "mamba"), d_model=8, seed=0, dtyp
     _spread(head, g)
     model = _set(LMHead(), backbone=backbone, lm_head=head).eval()
     if zero_biases:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("bias") and "dt_proj" not in name:  # dt_proj.bias feeds the held Δ only
-                    p.zero_()
+        zero_biases_but_dt(model)
     return model
 
 
@@ -661,10 +660,7 @@ def test_gpu_lrp_logits_and_conservation(attn_cfg, layer):
             out = model(ids).logits
     assert rel_err(out, ref) < FLOAT32, rel_err(out, ref)
     assert_restored(model, before)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and "dt_proj" not in name:
-                p.zero_()
+    zero_biases_but_dt(model)
     model.double()
     R, f, _ = relevance(model, ids, target)
     assert f.dtype == torch.float64
