@@ -22,12 +22,18 @@ from bench_kernel import capture_layer
 
 SHIPPED = dict(
     FAR_PRODUCT="split", FAR_UNROLL=1, SEPARATE_FAR=None, OVERLAP_NEAR=False, PRODUCT="tf32x3", NUM_STAGES=4,
-    DENSE_CHANNELS=16, NUM_WARPS=4, BLOCK=64,
+    DENSE_CHANNELS=16, NUM_WARPS=4, BLOCK=64, FACTOR_KERNEL=True, FACTOR_ROWS=64, FORCE_NEAR_EXACT=False,
 )
 _BLOCK128 = dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2)
 #: module settings per variant, the shipped ones first
 VARIANTS = [SHIPPED] + [{**SHIPPED, **change} for change in [
     # most promising first, so that a sweep cut by a time limit still answers the main question.
+    # the factors by torch (the default until session 6), and the factor kernel's positions per program
+    dict(FACTOR_KERNEL=False),
+    # the per-entry form next to the diagonal, which layers take when a channel decays too fast for the pivoted one
+    dict(FORCE_NEAR_EXACT=True),
+    dict(FACTOR_ROWS=32),
+    dict(FACTOR_ROWS=128),
     # far tiles in their own launch, compiled without the near-tile code: 128 registers instead of 255 (sm_90,
     # Triton 3.8), so 4 programs per SM instead of 2 to hide the latency of the dependent products
     # the launch of the tiles next to the diagonal (few programs, each long) on a side stream, concurrent with
@@ -70,11 +76,11 @@ def seconds(fn, reps=3):
 
 
 class _TimedLaunches:
-    """Stands in for ``ssm_triton._ssm_kernel``: each launch bracketed by CUDA events, keyed by its ``TILES``
-    (0 all tiles, 1 far tiles, 2 the others), to tell how the time splits between the far and near launches."""
+    """Stands in for a kernel of ``ssm_triton``: each launch bracketed by CUDA events and labelled (the factor
+    kernel; or, by ``TILES``, the launch of all tiles, of the far tiles or of the others)."""
 
-    def __init__(self, kernel):
-        self.kernel, self.events = kernel, []
+    def __init__(self, kernel, events):
+        self.kernel, self.events = kernel, events
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -82,25 +88,35 @@ class _TimedLaunches:
             start.record()
             self.kernel[grid](*args, **kwargs)
             end.record()
-            self.events.append((kwargs["TILES"], grid, start, end))
+            label = ("all tiles", "far tiles", "near tiles")[kwargs["TILES"]] if "TILES" in kwargs else "factors"
+            self.events.append((label, start, end))
 
         return launch
 
 
 def launch_split(fn) -> str:
-    """Milliseconds per launch kind of one call of ``fn`` (run once before, to compile)."""
+    """Milliseconds per launch kind of one call of ``fn`` (run once before, to compile), summed over its launches,
+    and the rest of the call (torch work, launch gaps)."""
     fn()
-    timed = _TimedLaunches(ssm_triton._ssm_kernel)
-    ssm_triton._ssm_kernel = timed
+    torch.cuda.synchronize()
+    events = []
+    kernels = {name: getattr(ssm_triton, name) for name in ("_ssm_kernel", "_factor_kernel")}
+    for name, kernel in kernels.items():
+        setattr(ssm_triton, name, _TimedLaunches(kernel, events))
     try:
+        start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
+        total = time.perf_counter() - start
     finally:
-        ssm_triton._ssm_kernel = timed.kernel
-    names = {0: "all tiles", 1: "far tiles", 2: "near tiles"}
-    return "; ".join(
-        f"{names[kind]} grid {grid}: {start.elapsed_time(end):.2f} ms" for kind, grid, start, end in timed.events
-    )
+        for name, kernel in kernels.items():
+            setattr(ssm_triton, name, kernel)
+    per_label: dict[str, list[float]] = {}
+    for label, start, end in events:
+        per_label.setdefault(label, []).append(start.elapsed_time(end))
+    parts = [f"{label} {sum(ms):.2f} ms ({len(ms)} launches)" for label, ms in per_label.items()]
+    rest = 1e3 * total - sum(sum(ms) for ms in per_label.values())
+    return "; ".join(parts + [f"rest {rest:.2f} ms"])
 
 
 def compiled_kernels() -> dict:
@@ -145,7 +161,8 @@ def main() -> None:
         new = [k for key, k in compiled_kernels().items() if key not in before]
         print(f"{variant}: Ā(L={a.length}) {t_agg:.4f} s  dense(L={a.dense_length}) {t_dense:.4f} s  "
               f"rel err {err:.1e}  [{resources(new)}]", flush=True)
-        if variant is SHIPPED or variant.get("SEPARATE_FAR") is False:
+        split_launches = {"SEPARATE_FAR", "FACTOR_KERNEL", "FORCE_NEAR_EXACT"} & {*variant}
+        if variant is SHIPPED or split_launches and variant.get("SEPARATE_FAR") is not True:
             print(f"    Ā launches: {launch_split(lambda: la.aggregate('positive_mean', grad=grad))}", flush=True)
 
 if __name__ == "__main__":

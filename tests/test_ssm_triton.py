@@ -105,6 +105,42 @@ def compare_variant(got: dict, shipped: dict, ref: dict, exact: bool) -> None:
         assert rel_err(got[key], ref[key]) <= BOUND, (key, rel_err(got[key], ref[key]))
 
 
+#: the factor kernel against the torch factors: the same float32 operations, exponentials apart
+FACTOR_BOUND = 1e-6
+
+
+def check_factor_kernel(attn, reductions=MODE_REDUCTIONS) -> int:
+    """Run :func:`kernel_outputs` with every call of the factor kernel checked against the torch reference
+    (``_factors``) on the same inputs: ``Q`` and ``K'`` to float32 rounding, ``K'``'s transposed split into a TF32
+    high part and a rest. Returns the number of calls checked."""
+    from captum_implicit.ops import ssm_triton
+
+    kernel, calls = ssm_triton._kernel_factors, []
+
+    def checked(ch, block, n_pad, split, *, head_of, **factors):
+        q, k, kh, kl = kernel(ch, block, n_pad, split, head_of=head_of, **factors)
+        ref_q, ref_k = ssm_triton._factors(ch, block, n_pad, head_of=head_of.long(), **factors)
+        assert rel_err(q, ref_q) <= FACTOR_BOUND and rel_err(k, ref_k) <= FACTOR_BOUND, (rel_err(q, ref_q), ch)
+        assert not q[..., factors["rate"].shape[-1]:].any() and not k[..., factors["rate"].shape[-1]:].any()
+        if split:
+            assert not (kh.view(torch.int32) & 8191).any()  # TF32: the low 13 mantissa bits clear
+            # the parts sum to K' within one float32 rounding, not always exactly: compiled, the last multiply of K'
+            # (by ρ) can fuse into the subtraction that makes the rest (an FMA), which then holds K' before its
+            # rounding (H200, session 6)
+            kt = k.transpose(-1, -2)
+            assert ((kh + kl - kt).abs() <= kt.abs() * 2.0**-23).all()
+        calls.append(ch)
+        return q, k, kh, kl
+
+    ssm_triton._kernel_factors = checked
+    try:
+        kernel_outputs(attn, reductions)
+    finally:
+        ssm_triton._kernel_factors = kernel
+    assert calls
+    return len(calls)
+
+
 def emulate_tf32_in_interpreter() -> None:
     """Make the interpreter's ``tl.dot(..., input_precision="tf32")`` read its operands as TF32, as the tensor
     cores do (they ignore the low 13 mantissa bits of a float32 operand).
@@ -147,6 +183,23 @@ CASES = {
 def test_kernel_matches_reference_on_gpu(case):
     attn = random_mamba_attention("cuda", **CASES[case])
     compare_with_reference(attn)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_factor_kernel_matches_torch_factors_on_gpu(case, monkeypatch):
+    """The factor kernel (compiled: its exponentials are the GPU's) against the torch factors, call by call, and
+    the kernel's results with either."""
+    from captum_implicit.ops import ssm_triton
+
+    attn = random_mamba_attention("cuda", **CASES[case])
+    monkeypatch.setattr(ssm_triton, "FACTOR_ELEMENTS", attn.batch_size * attn.seq_len * 16 * 2)  # 2 channels a call
+    assert check_factor_kernel(attn) >= 2 * (1 + len(MODE_REDUCTIONS))
+    fast = kernel_outputs(attn)
+    monkeypatch.setattr(ssm_triton, "FACTOR_KERNEL", False)
+    for key, value in kernel_outputs(attn).items():
+        assert rel_err(fast[key], value) <= VARIANT_BOUND, key
 
 
 @pytest.mark.gpu
@@ -227,6 +280,12 @@ def interpreter_checks() -> None:
     """The checks of :func:`test_kernel_logic_in_triton_interpreter`, run in a ``TRITON_INTERPRET=1`` process."""
     ssm_triton, attn = _interpreter_case()
     compare_with_reference(attn)  # several channels per program (dense and reductions)
+    ssm_triton.FACTOR_ROWS = 16  # three programs along the 40 positions, the last one partial
+    for case in (attn, random_mamba_attention("cpu", channels=3, length=40, state=3, heads=2, conv=False, gate=False)):
+        check_factor_kernel(case)
+    ssm_triton.FACTOR_KERNEL = False  # the torch factors in the kernel's place: the same results
+    compare_with_reference(attn)
+    ssm_triton.FACTOR_KERNEL = True
     # the emulation is live: one TF32 product misses float32 accuracy by far
     with blockwise(triton=False):
         ref_dense = attn.dense()

@@ -76,6 +76,11 @@ DENSE_CHANNELS = 16
 FORCE_NEAR_EXACT = False
 #: elements of one precomputed factor tensor per launch (channels are processed in chunks of this size)
 FACTOR_ELEMENTS = 1 << 28
+#: build the factors with :func:`_factor_kernel` (False: the torch reference :func:`_factors`, which makes a dozen
+#: passes over ``(b, c, L, N)`` tensors)
+FACTOR_KERNEL = True
+#: positions per program of the factor kernel
+FACTOR_ROWS = 64
 #: programs to aim for when splitting the channel reduction into groups
 PROGRAMS = 16 * 132
 MODES = {"dense": 0, "sum": 1, "abs": 2, "positive": 3, "max_abs": 4}
@@ -186,11 +191,12 @@ if triton is not None:
             else:
                 col = tap + tl.zeros((BS,), dtype=tl.float32)
             part = tl.zeros((BT, BS), dtype=tl.float32)
-            for n in tl.static_range(N_P):
-                has_n = n < N
-                rate_n = tl.load(rate_ptr + c * N + n, mask=has_n, other=0.0)
-                c_n = tl.load(read_ptr + (base_bh + offs_t) * N + n, mask=mask_t & has_n, other=0.0)
-                b_n = tl.load(write_ptr + (base_bh + s_j) * N + n, mask=m_j & has_n, other=0.0)
+            # a loop, not unrolled: 16 states x K taps of unrolled tiles made ptxas fall back to 32 registers and
+            # spill 34 KB a thread (sm_90, Triton 3.8); the states are independent, unrolling gains nothing
+            for n in range(N):
+                rate_n = tl.load(rate_ptr + c * N + n)
+                c_n = tl.load(read_ptr + (base_bh + offs_t) * N + n, mask=mask_t, other=0.0)
+                b_n = tl.load(write_ptr + (base_bh + s_j) * N + n, mask=m_j, other=0.0)
                 part += c_n[:, None] * tl.exp(diff * rate_n) * b_n[None, :]
             m += tl.where(causal, part * (scale * col)[None, :], 0.0)
             if HAS_SKIP:
@@ -390,6 +396,60 @@ if triton is not None:
             if MODE != 0:
                 tl.store(out_tile, acc, mask=mask_ts)
 
+    @triton.jit
+    def _factor_kernel(
+        q_ptr, k_ptr, kh_ptr, kl_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr, lsc_ptr, col_ptr,
+        rsc_ptr, w_ptr, L, C, H, N, c_base, c_count, block,
+        N_P: tl.constexpr, K: tl.constexpr, BL: tl.constexpr, HAS_LSC: tl.constexpr, HAS_COL: tl.constexpr,
+        HAS_RSC: tl.constexpr, SPLIT: tl.constexpr,
+    ):
+        """:func:`_factors` for ``BL`` positions of one channel: ``Q``, ``K'`` (``(b, c, L, N_P)``) and, with
+        ``SPLIT``, ``K'`` transposed in TF32 high and low parts (``(b, c, N_P, L)``). Same operations in the same
+        order as the torch reference; one pass over the outputs instead of a dozen over ``(b, c, L, N)`` tensors."""
+        tb = tl.program_id(0)
+        b = tl.program_id(1)
+        lc = tl.program_id(2)
+        c = c_base + lc
+        offs_t = tb * BL + tl.arange(0, BL)
+        offs_n = tl.arange(0, N_P)
+        in_t = offs_t < L
+        in_n = offs_n < N
+        head = tl.load(head_ptr + c)
+        rate = tl.load(rate_ptr + c * N + offs_n, mask=in_n, other=0.0)
+        row = (b * C + c).to(tl.int64) * L  # (b, C, L) tensors: cum, write scale, row / column scalings
+        state = (b * H + head).to(tl.int64) * L  # (b, H, L, N) tensors: read, write
+        start = (offs_t // block) * block
+        cum_t = tl.load(cum_ptr + row + offs_t, mask=in_t, other=0.0)
+        cum_row = tl.load(cum_ptr + row + start - 1, mask=in_t & (start > 0), other=0.0)
+        read = tl.load(read_ptr + (state + offs_t[:, None]) * N + offs_n[None, :], mask=in_t[:, None] & in_n[None, :],
+                       other=0.0)
+        q = read * tl.exp((cum_t - cum_row).to(tl.float32)[:, None] * rate[None, :])
+        if HAS_LSC:
+            q = q * tl.load(lsc_ptr + row + offs_t, mask=in_t, other=0.0)[:, None]
+        out = ((b * c_count + lc).to(tl.int64) * L + offs_t[:, None]) * N_P + offs_n[None, :]
+        tl.store(q_ptr + out, q, mask=in_t[:, None])
+        col_pivot = tl.minimum(start + block - 1 + K - 1, L - 1)
+        cum_col = tl.load(cum_ptr + row + col_pivot, mask=in_t, other=0.0)
+        k = tl.zeros((BL, N_P), dtype=tl.float32)
+        for j in tl.static_range(K):
+            src = offs_t + j
+            valid = src < L
+            src = tl.minimum(src, L - 1)
+            expo = tl.where(valid, (cum_col - tl.load(cum_ptr + row + src)).to(tl.float32), 0.0)
+            scale = tl.load(ws_ptr + row + src) * tl.load(w_ptr + c * K + (K - 1 - j)) * valid.to(tl.float32)
+            if HAS_COL:
+                scale = scale * tl.load(col_ptr + row + src)
+            write = tl.load(write_ptr + (state + src[:, None]) * N + offs_n[None, :], mask=in_n[None, :], other=0.0)
+            k += write * tl.exp(expo[:, None] * rate[None, :]) * scale[:, None]
+        if HAS_RSC:
+            k = k * tl.load(rsc_ptr + row + offs_t, mask=in_t, other=0.0)[:, None]
+        tl.store(k_ptr + out, k, mask=in_t[:, None])
+        if SPLIT:
+            high = _tf32_high(k)
+            out_t = ((b * c_count + lc).to(tl.int64) * N_P + offs_n[None, :]) * L + offs_t[:, None]
+            tl.store(kh_ptr + out_t, high, mask=in_t[:, None])
+            tl.store(kl_ptr + out_t, k - high, mask=in_t[:, None])
+
 
 def _factors(
     ch: slice, block: int, n_pad: int, *, cum: Tensor, rate: Tensor, read: Tensor, write: Tensor, ws: Tensor,
@@ -431,6 +491,32 @@ def _factors(
         torch.nn.functional.pad(q, (0, pad)).contiguous(),
         torch.nn.functional.pad(k, (0, pad)).contiguous(),
     )
+
+
+def _kernel_factors(
+    ch: slice, block: int, n_pad: int, split: bool, *, cum: Tensor, rate: Tensor, read: Tensor, write: Tensor,
+    ws: Tensor, head_of: Tensor, lsc: Tensor | None, col: Tensor | None, rsc: Tensor | None, weight: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`_factors` by :func:`_factor_kernel`: ``Q``, ``K'`` ``(b, c, L, n_pad)`` float32 and, if ``split``,
+    ``K'`` transposed ``(b, c, n_pad, L)`` in its TF32 high part and the rest (else two placeholders). Inputs as
+    prepared by :func:`ssm_kernel` (contiguous, float32; ``cum`` float64, ``head_of`` int32)."""
+    bsz, nch, length = cum.shape
+    count = ch.stop - ch.start
+    q = torch.empty(bsz, count, length, n_pad, dtype=torch.float32, device=cum.device)
+    k = torch.empty_like(q)
+    dummy = kh = kl = q[:0]
+    if split:
+        kh = torch.empty(bsz, count, n_pad, length, dtype=torch.float32, device=cum.device)
+        kl = torch.empty_like(kh)
+    grid = (math.ceil(length / FACTOR_ROWS), bsz, count)
+    _factor_kernel[grid](
+        q, k, kh, kl, cum, rate, read, write, ws, head_of, dummy if lsc is None else lsc,
+        dummy if col is None else col, dummy if rsc is None else rsc, weight,
+        length, nch, read.shape[1], read.shape[-1], ch.start, count, block,
+        N_P=n_pad, K=weight.shape[-1], BL=FACTOR_ROWS, HAS_LSC=lsc is not None, HAS_COL=col is not None,
+        HAS_RSC=rsc is not None, SPLIT=split,
+    )
+    return q, k, kh, kl
 
 
 def _block_for(cum: Tensor, rate: Tensor, taps: int, length: int) -> int | None:
@@ -537,16 +623,19 @@ def ssm_kernel(
     for c0 in range(0, nch, chunk):
         ch = slice(c0, min(c0 + chunk, nch))
         count = ch.stop - ch.start
-        q, k = _factors(
-            ch, block, n_pad, cum=cum, rate=rate, read=read, write=write, ws=ws, head_of=head_of.long(),
-            lsc=lsc, col=col, rsc=rsc, weight=weight,
-        )
-        kh = kl = kf = dummy
-        if FAR_PRODUCT != "register":  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared), exact rest
-            kt = k.transpose(-1, -2).contiguous()
-            kh = (kt.view(torch.int32) & -8192).view(torch.float32)
-            kl = kt - kh
-            del kt
+        split = FAR_PRODUCT != "register"  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared), rest
+        factors = dict(cum=cum, rate=rate, read=read, write=write, ws=ws, lsc=lsc, col=col, rsc=rsc, weight=weight)
+        if FACTOR_KERNEL:
+            q, k, kh, kl = _kernel_factors(ch, block, n_pad, split, head_of=head_of, **factors)
+        else:
+            q, k = _factors(ch, block, n_pad, head_of=head_of.long(), **factors)
+            kh = kl = dummy
+            if split:
+                kt = k.transpose(-1, -2).contiguous()
+                kh = (kt.view(torch.int32) & -8192).view(torch.float32)
+                kl = kt - kh
+                del kt
+        kf = dummy
         if fused:  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
             kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
             kh = kl = dummy
