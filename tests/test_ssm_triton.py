@@ -187,6 +187,22 @@ def test_kernel_matches_reference_on_gpu(case):
 
 @pytest.mark.gpu
 @requires_cuda
+def test_dense_output_past_2_to_the_31_entries_on_gpu():
+    """A dense ``(b, C, L, L)`` output of more than 2^31 entries (520 channels at L = 2048: 2.2e9, 8.7 GB): 32-bit
+    offsets wrapped there and the kernel wrote out of bounds (H200, session 6: an illegal memory access in
+    ``dense()`` of a 1536-channel layer at L = 2048). The last channels, whose offsets pass 2^31, against the torch
+    path, which builds the channels asked for."""
+    attn = random_mamba_attention("cuda", batch=1, channels=520, length=2048, state=4)
+    dense = attn.dense()
+    assert dense.numel() > 2**31
+    tail = [0, 511, 519]
+    with blockwise(triton=False):
+        ref = attn.dense(channels=tail)
+    assert rel_err(dense[:, tail], ref) <= BOUND
+
+
+@pytest.mark.gpu
+@requires_cuda
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_factor_kernel_matches_torch_factors_on_gpu(case, monkeypatch):
     """The factor kernel (compiled: its exponentials are the GPU's) against the torch factors, call by call, and

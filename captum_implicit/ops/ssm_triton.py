@@ -118,7 +118,9 @@ if triton is not None:
     @triton.jit
     def _tile_ptrs(out_ptr, b, c, offs_t, offs_s, s_ob, s_oc, s_ot):
         """Output addresses of the tile of ``c``: a channel (dense mode) or a channel group (the reductions)."""
-        return out_ptr + b * s_ob + c * s_oc + offs_t[:, None] * s_ot + offs_s[None, :]
+        # 64-bit offsets: a dense (b, C, L, L) output passes 2^31 entries from C·L² on (1536 channels at L = 1182)
+        base = out_ptr + (b.to(tl.int64) * s_ob + c.to(tl.int64) * s_oc)
+        return base + offs_t[:, None].to(tl.int64) * s_ot + offs_s[None, :]
 
     @triton.jit
     def _tf32_high(x):
@@ -211,8 +213,8 @@ if triton is not None:
     ):
         """A tile left of the row block and of its conv halo: one rank-N product of the precomputed factors
         (λ and ρ included). ``FAR``: 0 "register", 1 "split", 2 "fused" (see :data:`FAR_PRODUCT`)."""
-        base_bc = (b * C + c) * L
-        base_q = (b * c_count + lc) * L
+        base_bc = (b * C + c).to(tl.int64) * L
+        base_q = (b * c_count + lc) * L  # < 2^28 / N_P: channels come in chunks of FACTOR_ELEMENTS
         rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
         cum_p = tl.load(cum_ptr + base_bc + pivot, mask=pivot >= 0, other=0.0)
         q = tl.load(q_ptr + (base_q + offs_t[:, None]) * N_P + offs_n[None, :], mask=mask_t[:, None], other=0.0)
@@ -312,9 +314,9 @@ if triton is not None:
         """Channels ``[lc0, lc1)`` of a tile touching the row block, emitted into ``acc``."""
         for lc in range(lc0, lc1):
             c = c_base + lc
-            base_bc = (b * C + c) * L
+            base_bc = (b * C + c).to(tl.int64) * L
             h = tl.load(head_ptr + c)
-            base_bh = (b * H + h) * L
+            base_bh = (b * H + h).to(tl.int64) * L
             if NEAR_EXACT:
                 m = _near_tile_exact(
                     cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, col_ptr, w_ptr,
