@@ -2,26 +2,28 @@
 GPU column (``docs/supported.md``). Each adapter names, per module class, the kernels its GPU test compared
 against; these are the phrases they share.
 
-Last GPU run: session 5 (one H200; torch 2.11, transformers 5.17, triton 3.6, mamba-ssm 2.3.2.post1 built
-without causal-conv1d, fla 0.6.0). Bounds are relative to the largest entry of the real tensor entering the
-output projection: float32 ≤ 1e-4 (Triton's float32 dots in IEEE, TF32 off: ``tests/conftest.py``), bf16
-≤ 5e-2 (the kernels round to bf16; the closed form runs in float32) unless a phrase says otherwise.
+GPU runs: sessions 4 to 6 on one H200 (torch 2.11, triton 3.6, mamba-ssm 2.3.2.post1 built for sm_90, fla 0.6.0).
+Sessions 4 and 5 had transformers 5.17 and no causal-conv1d (transformers and mamba-ssm took their torch conv);
+session 6 had transformers 5.24 and causal-conv1d 1.7.0 (its CUDA conv). Bounds are relative to the largest entry
+of the real tensor entering the output projection: float32 ≤ 1e-4 (Triton's float32 dots in IEEE, TF32 off:
+``tests/conftest.py``), bf16 ≤ 5e-2 (the kernels round to bf16; the closed form runs in float32) unless a phrase
+says otherwise.
 """
 
 from __future__ import annotations
 
 #: the bounds and the test of the HF relatives' and hybrids' every captured layer on CUDA
 HF_VARIANTS = "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_hf_variants.py)"
-#: a model the GPU machine's transformers does not have
-NOT_IN_GPU_TRANSFORMERS = (
-    "— (GPU test written in tests/test_hf_variants.py; not run: transformers 5.17 on the GPU machine lacks the model)"
+#: the bounds and the test of the older hybrids' every captured layer on CUDA (session 6)
+HYBRIDS_ON_CUDA = (
+    "every captured layer of the model, float32 ≤ 1e-4 and bf16 ≤ 5e-2, L = 80 with padding, H200 "
+    "(tests/test_softmax.py::test_every_layer_of_the_hybrids_on_cuda)"
 )
+#: the kernels transformers 5.24 binds on CUDA when mamba-ssm, causal-conv1d and fla import (session 6)
+KERNELS_5_24 = "the kernels transformers 5.24 binds on CUDA with mamba-ssm, causal-conv1d and fla installed"
+#: both conv paths ran: sessions 4–5 without causal-conv1d, session 6 with it
+BOTH_CONVS = "with causal-conv1d's CUDA conv (transformers 5.24) and without it (torch conv, transformers 5.17)"
+#: only transformers 5.24 (session 6) has the model
+ONLY_5_24 = "transformers 5.24 with causal-conv1d"
 #: no GPU test builds this class
 NO_GPU_TEST = "— (no GPU test of this class)"
-#: the GPU machine's mamba-ssm build lacks causal-conv1d: transformers and mamba-ssm take their torch conv
-WITHOUT_CAUSAL_CONV1D = "causal-conv1d not installed there: torch conv"
-
-
-def written_not_run(test: str) -> str:
-    """A GPU test exists (``test``: its file or node id) but no GPU run has executed it yet."""
-    return f"— (GPU test written, not yet run: {test})"

@@ -15,7 +15,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.gated_deltanet import DeltaRuleAttention, build_delta_rule_attention
 from ._common import argument, positional
-from ._gpu_runs import HF_VARIANTS, NOT_IN_GPU_TRANSFORMERS, written_not_run
+from ._gpu_runs import HF_VARIANTS, ONLY_5_24
 
 _TF = "transformers.models"
 
@@ -94,8 +94,8 @@ _GPU = {
     "olmo_hybrid": _FLA_GDN + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_gated_deltanet.py)",
     "qwen3_5_moe": _FLA_GDN + HF_VARIANTS,
     "qwen4_exp": _FLA_GDN + HF_VARIANTS,
-    "qwen3_5": written_not_run("tests/test_gated_deltanet.py::test_fla_kernel_output_on_gpu[qwen3_5-*]"),
-    "lara_mini": NOT_IN_GPU_TRANSFORMERS,
+    "qwen3_5": _FLA_GDN + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_gated_deltanet.py)",
+    "lara_mini": f"{_FLA_GDN}{ONLY_5_24}, {HF_VARIANTS}",
 }
 
 for _model, _cls, _norm, _out in [

@@ -13,7 +13,7 @@ from ..core.capture import Recording
 from ..core.registry import Adapter, register_adapter
 from ..layers.gated_deltanet import build_delta_rule_attention
 from ..layers.kda import KDAAttention
-from ._gpu_runs import HF_VARIANTS, NOT_IN_GPU_TRANSFORMERS
+from ._gpu_runs import HF_VARIANTS, ONLY_5_24
 from .hf_gated_deltanet import delta_rule_call, norm_inputs
 
 _TF = "transformers.models"
@@ -31,7 +31,7 @@ _FLA_KDA = "fla's chunk_kda (bound by transformers when fla imports), "
 _GPU = {
     "kimi_linear": _FLA_KDA + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_kda.py)",
     "glm5_next": _FLA_KDA + HF_VARIANTS,
-    "bailing_hybrid": NOT_IN_GPU_TRANSFORMERS,
+    "bailing_hybrid": f"{_FLA_KDA}{ONLY_5_24}, {HF_VARIANTS}",
 }
 
 for _model, _cls in [

@@ -15,7 +15,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.short_conv import ShortConvAttention
 from ._common import positional
-from ._gpu_runs import HF_VARIANTS, NOT_IN_GPU_TRANSFORMERS, written_not_run
+from ._gpu_runs import HF_VARIANTS, HYBRIDS_ON_CUDA, KERNELS_5_24, ONLY_5_24
 
 _TF = "transformers.models"
 
@@ -57,9 +57,10 @@ for _model, _cls in [("lfm2", "Lfm2ShortConv"), ("lfm2_moe", "Lfm2MoeShortConv")
             # CPU exactness: tests/test_short_conv.py (LFM2), tests/test_hf_variants.py (LFM2-MoE, LFM3)
             padding="honoured (mask on the mixer input)",
             gpu={
-                "lfm2": written_not_run("tests/test_softmax.py::test_every_layer_of_the_hybrids_on_cuda"),
-                "lfm2_moe": f"torch conv on CUDA, {HF_VARIANTS}",
-                "lfm3": NOT_IN_GPU_TRANSFORMERS,
+                "lfm2": f"{KERNELS_5_24} (causal-conv1d's conv), {HYBRIDS_ON_CUDA}",
+                "lfm2_moe": f"torch conv (transformers 5.17) and causal-conv1d's conv (5.24) on CUDA, {HF_VARIANTS}",
+                # causal-conv1d takes widths 2 to 4: at LFM3's default width 7 the model's own forward raises there
+                "lfm3": f"causal-conv1d's conv ({ONLY_5_24}) at conv_L_cache = 4, {HF_VARIANTS}",
             }[_model],
             classes=(f"{_base}.{_cls}",),
             build=build_hf_short_conv,

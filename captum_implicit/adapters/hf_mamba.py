@@ -16,7 +16,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.mamba import MambaAttention, build_mamba_attention
 from ._common import argument, positional
-from ._gpu_runs import WITHOUT_CAUSAL_CONV1D, written_not_run
+from ._gpu_runs import BOTH_CONVS, HYBRIDS_ON_CUDA, KERNELS_5_24
 from ._scan_backward import linear_backward_scan
 
 _TF = "transformers.models"
@@ -81,10 +81,10 @@ def _mamba_functions(model: str) -> tuple[str, ...]:
     return (f"{base}.mamba_selective_scan", f"{base}.causal_conv1d_fn", f"{base}.mamba_selective_state_update")
 
 
-_HYBRIDS_ON_CUDA = written_not_run("tests/test_softmax.py::test_every_layer_of_the_hybrids_on_cuda")
+_HYBRIDS_ON_CUDA = f"{KERNELS_5_24}, {HYBRIDS_ON_CUDA}"
 _GPU_KERNELS = (
     "mamba-ssm's CUDA selective scan (the test asserts it ran), float32 ≤ 1e-4 and bf16 ≤ 3e-2, L = 1 … 4096, "
-    f"with padding, H200 (tests/test_gpu_mamba.py); {WITHOUT_CAUSAL_CONV1D}"
+    f"with padding, H200 (tests/test_gpu_mamba.py); {BOTH_CONVS}"
 )
 
 # HF Mamba's torch scan: same forward, O(L) instead of O(L²) backward (adapters/_scan_backward.py)
@@ -92,7 +92,8 @@ FALLBACK_WRAPPERS[f"{_TF}.mamba.modeling_mamba.mamba_selective_scan"] = linear_b
 
 for _model, _cls, _gpu, _note in [
     ("mamba", "MambaMixer", _GPU_KERNELS, "MambaModel / MambaForCausalLM"),
-    ("falcon_mamba", "FalconMambaMixer", written_not_run("tests/test_mamba.py::test_falcon_mamba_on_cuda"),
+    ("falcon_mamba", "FalconMambaMixer", f"{KERNELS_5_24} (mamba-ssm's CUDA selective scan), float32 ≤ 1e-4 and "
+     "bf16 ≤ 5e-2, L = 80 with padding, H200 (tests/test_mamba.py::test_falcon_mamba_on_cuda)",
      "B/C/Δ RMS norms are part of the captured scan arguments"),
     ("jamba", "JambaMambaMixer", _HYBRIDS_ON_CUDA, "hybrid: its attention layers are a separate family"),
     ("zamba", "ZambaMambaMixer", _HYBRIDS_ON_CUDA, "multi-head: one scan per head, interleaved in_proj"),

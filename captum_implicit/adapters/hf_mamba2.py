@@ -21,7 +21,7 @@ from ..core.registry import Adapter, register_adapter
 from ..core.attention import compute_dtype
 from ..layers.mamba2 import Mamba2Attention, build_mamba2_attention, gated_norm_scale
 from ._common import argument, positional
-from ._gpu_runs import HF_VARIANTS, WITHOUT_CAUSAL_CONV1D, written_not_run
+from ._gpu_runs import BOTH_CONVS, HF_VARIANTS, HYBRIDS_ON_CUDA, KERNELS_5_24
 
 _TF = "transformers.models"
 
@@ -132,11 +132,10 @@ for _model, _cls, _note in [
     ("falcon_h1", "FalconH1Mixer", "ssm_in_multiplier and mup_vector are inside the captured tensors; optional norm"),
 ]:
     _gpu = {
-        "mamba2": f"the path transformers 5.17 takes on CUDA with mamba-ssm installed ({WITHOUT_CAUSAL_CONV1D}), "
+        "mamba2": f"the path transformers takes on CUDA with mamba-ssm installed, {BOTH_CONVS}, "
         "float32 ≤ 1e-4 and bf16 ≤ 5e-2, L = 7 and 4096, with padding, H200 (tests/test_mamba2.py)",
-        "bamba": written_not_run("tests/test_softmax.py::test_every_layer_of_the_hybrids_on_cuda"),
-        "granitemoehybrid": written_not_run("tests/test_softmax.py::test_every_layer_of_the_hybrids_on_cuda"),
-    }.get(_model, f"the path transformers 5.17 takes on CUDA ({WITHOUT_CAUSAL_CONV1D}), {HF_VARIANTS}")
+        **dict.fromkeys(["bamba", "granitemoehybrid"], f"{KERNELS_5_24}, {HYBRIDS_ON_CUDA}"),
+    }.get(_model, f"the path transformers takes on CUDA with mamba-ssm installed, {BOTH_CONVS}, {HF_VARIANTS}")
     register_adapter(
         Adapter(
             family="mamba2",

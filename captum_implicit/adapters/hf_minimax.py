@@ -15,7 +15,7 @@ from ..core.capture import Recording
 from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.lightning import LightningAttention, build_lightning_attention
-from ._gpu_runs import written_not_run
+from ._gpu_runs import HYBRIDS_ON_CUDA
 
 
 def _input(rec: Recording, sub: str, name: str):
@@ -55,7 +55,7 @@ register_adapter(
     Adapter(
         family="lightning",
         padding="honoured (pad rows zeroed after the activation)",
-        gpu=written_not_run("tests/test_softmax.py::test_every_layer_of_the_hybrids_on_cuda"),
+        gpu=f"torch lightning attention on CUDA, {HYBRIDS_ON_CUDA}",
         classes=("transformers.models.minimax.modeling_minimax.MiniMaxLightningAttention",),
         build=build_hf_lightning,
         submodule_inputs=("qkv_proj", "norm", "output_gate"),

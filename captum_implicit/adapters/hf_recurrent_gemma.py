@@ -28,6 +28,7 @@ from ..core.capture import Recording
 from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.rglru import RglruAttention, build_rglru_attention
+from ._gpu_runs import HYBRIDS_ON_CUDA
 
 _MOD = "transformers.models.recurrent_gemma.modeling_recurrent_gemma"
 
@@ -121,7 +122,7 @@ register_adapter(
         family="rglru",
         padding="no mask in the model (state resets where position_ids == 0)",
         gpu="HF's torch path on CUDA, float32 ≤ 1e-4 and bf16 ≤ 2e-2, with a state reset, H200 "
-        "(tests/test_rglru.py)",
+        f"(tests/test_rglru.py); {HYBRIDS_ON_CUDA}",
         classes=(f"{_MOD}.RecurrentGemmaRecurrentBlock",),
         build=build_hf_rglru,
         submodule_inputs=("conv_1d", "rg_lru"),

@@ -49,7 +49,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.softmax import SoftmaxAttention, build_softmax_attention
 from ._common import argument
-from ._gpu_runs import HF_VARIANTS, NO_GPU_TEST, NOT_IN_GPU_TRANSFORMERS, written_not_run
+from ._gpu_runs import HF_VARIANTS, HYBRIDS_ON_CUDA, NO_GPU_TEST, ONLY_5_24
 
 _TF = "transformers.models"
 
@@ -161,11 +161,14 @@ _GPU = {
         ["zamba2", "falcon_h1", "nemotron_h", "lfm2_moe", "qwen3_5_moe"],
         f"eager attention on CUDA (the capture turns SDPA eager), {HF_VARIANTS}",
     ),
-    **dict.fromkeys(["lfm3", "lara_mini", "bailing_hybrid"], NOT_IN_GPU_TRANSFORMERS),
+    **dict.fromkeys(
+        ["lfm3", "lara_mini", "bailing_hybrid"],
+        f"eager attention on CUDA (the capture turns SDPA eager), {ONLY_5_24}, {HF_VARIANTS}",
+    ),
     **dict.fromkeys(
         ["jamba", "zamba", "bamba", "granitemoehybrid", "minimax", "lfm2", "olmo_hybrid", "kimi_linear",
          "recurrent_gemma", "qwen3_next"],
-        written_not_run("tests/test_softmax.py::test_every_layer_of_the_hybrids_on_cuda"),
+        f"eager attention on CUDA (the capture turns SDPA eager), {HYBRIDS_ON_CUDA}",
     ),
 }
 

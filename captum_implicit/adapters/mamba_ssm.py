@@ -24,7 +24,7 @@ from ..layers.mamba2 import Mamba2Attention, build_mamba2_attention, gated_norm_
 from ..layers.mha import LocalChannelsSoftmaxAttention
 from ..layers.softmax import SoftmaxAttention, build_softmax_attention
 from ._common import argument, positional
-from ._gpu_runs import WITHOUT_CAUSAL_CONV1D
+from ._gpu_runs import BOTH_CONVS
 
 _SIMPLE = "mamba_ssm.modules.mamba_simple"
 _MAMBA2 = "mamba_ssm.modules.mamba2"
@@ -91,7 +91,7 @@ register_adapter(
         cpu="— (mamba-ssm needs CUDA)",
         padding="no mask in mamba-ssm",
         gpu="CUDA selective scan, float32 ≤ 1e-4 and bf16 ≤ 3e-2, L = 1 … 4096 and a MambaLMHeadModel, H200 "
-        f"(tests/test_gpu_mamba.py; fused path switched off during capture); {WITHOUT_CAUSAL_CONV1D}",
+        f"(tests/test_gpu_mamba.py; fused path switched off during capture); {BOTH_CONVS}",
         notes="fused fast path switched off during capture (same CUDA kernels, unfused)",
     ),
     first=False,
@@ -156,7 +156,7 @@ register_adapter(
         cpu="— (mamba-ssm needs CUDA)",
         padding="no mask in mamba-ssm",
         gpu="Triton chunk scan, float32 ≤ 1e-4 and bf16 ≤ 5e-2, L = 1, 301, 4096, gated RMSNorm on and off, H200 "
-        f"(tests/test_mamba2.py; mem-eff path switched off during capture); {WITHOUT_CAUSAL_CONV1D}",
+        f"(tests/test_mamba2.py; mem-eff path switched off during capture); {BOTH_CONVS}",
         notes="fused mem-eff path switched off during capture (same Triton kernels, unfused)",
     ),
     first=False,
