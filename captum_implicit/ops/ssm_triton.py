@@ -1,7 +1,8 @@
-"""Triton kernel for the diagonal selective-SSM (Mamba) implicit attention: dense tiles and channel reductions.
+"""Triton kernels for the diagonal selective-SSM (Mamba) implicit attention: dense tiles and channel reductions.
 
 The torch reference is :func:`captum_implicit.ops.decay.diagonal_ssm_tile` walked by
-:mod:`captum_implicit.ops.blockwise`; this kernel computes the same quantities in one launch per layer:
+:mod:`captum_implicit.ops.blockwise`; these kernels compute the same quantities, per layer (and chunk of channels)
+one launch of :func:`_factor_kernel` and one or two of :func:`_ssm_kernel` (far tiles apart, see :data:`SEPARATE_FAR`):
 
 * ``dense``: ``A[b, c, t, s]`` for all channels (every tile written once, zeros above the diagonal);
 * ``aggregate``: ``Σ_c f(λ_t · A[b, c, t, s] · ρ_s)`` with ``f`` ∈ {identity, abs, positive part} or
@@ -14,8 +15,8 @@ Per channel ``c`` (head ``h``) the matrix is, with ``T`` the causal depthwise co
     core[t, s'] = Σ_n C[t, n] · exp(a_n (cum_t − cum_{s'})) · B[s', n] · Δ_{s'}  +  D · [t = s']    (s' ≤ t)
 
 Tiles left of a row block ``I`` (rows ``[I·BT, I·BT + BT)``, pivot ``p = I·BT − 1``, ``cum_{−1} = 0``) are one
-rank-``N`` product of factors precomputed once per layer, each pivoted inside its own block so every
-exponent is ≤ 0: ``Q[t, n] = λ_t C[t, n] e^{a_n (cum_t − cum_p)}`` and
+rank-``N`` product of factors precomputed once per layer (:func:`_factor_kernel`; its torch reference
+:func:`_factors`), each pivoted inside its own block so every exponent is ≤ 0: ``Q[t, n] = λ_t C[t, n] e^{a_n (cum_t − cum_p)}`` and
 ``K'[s, n] = ρ_s Σ_j w_{K-1-j} col_{s+j} B̄[s+j, n] e^{a_n (cum_q − cum_{s+j})}`` (``q`` the last conv-halo
 position of ``s``'s block), joined by ``e^{a_n (cum_p − cum_q)} ≤ 1``. The two tiles touching the row block
 (the diagonal, and its left neighbour whose conv halo reaches it) are masked per tap, ``s + j ≤ t``; they
