@@ -16,7 +16,8 @@ Per channel ``c`` (head ``h``) the matrix is, with ``T`` the causal depthwise co
 
 Tiles left of a row block ``I`` (rows ``[I·BT, I·BT + BT)``, pivot ``p = I·BT − 1``, ``cum_{−1} = 0``) are one
 rank-``N`` product of factors precomputed once per layer (:func:`_factor_kernel`; its torch reference
-:func:`_factors`), each pivoted inside its own block so every exponent is ≤ 0: ``Q[t, n] = λ_t C[t, n] e^{a_n (cum_t − cum_p)}`` and
+:func:`_factors`), each pivoted inside its own block so every exponent is ≤ 0:
+``Q[t, n] = λ_t C[t, n] e^{a_n (cum_t − cum_p)}`` and
 ``K'[s, n] = ρ_s Σ_j w_{K-1-j} col_{s+j} B̄[s+j, n] e^{a_n (cum_q − cum_{s+j})}`` (``q`` the last conv-halo
 position of ``s``'s block), joined by ``e^{a_n (cum_p − cum_q)} ≤ 1``. The two tiles touching the row block
 (the diagonal, and its left neighbour whose conv halo reaches it) are masked per tap, ``s + j ≤ t``; they
