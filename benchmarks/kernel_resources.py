@@ -24,7 +24,7 @@ from triton.backends.compiler import GPUTarget
 from captum_implicit.ops import ssm_triton
 from sweep_kernel import VARIANTS
 
-POINTERS = {"tiles_ptr": "*i32", "head_ptr": "*i32", "cum_ptr": "*fp64"}
+POINTERS = {"tiles_ptr": "*i32", "head_ptr": "*i32", "cum_ptr": "*fp64", "exact_ptr": "*i8"}
 
 
 def compile_variant(variant: dict, mode: int, tiles: int, *, state: int = 16, taps: int = 4):
@@ -35,7 +35,7 @@ def compile_variant(variant: dict, mode: int, tiles: int, *, state: int = 16, ta
     const = dict(
         N_P=max(16, triton.next_power_of_2(state)), K=taps, BT=settings["BLOCK"], BS=settings["BLOCK"], MODE=mode,
         HAS_SKIP=True, HAS_LSC=True, HAS_RSC=True, HAS_COL=True, ACCUMULATE=False, PRODUCT=settings["PRODUCT"],
-        NEAR_EXACT=False, FAR=ssm_triton.FAR_CODES[settings["FAR_PRODUCT"]], UNROLL=settings["FAR_UNROLL"], TILES=tiles,
+        NEAR_EXACT=0, FAR=ssm_triton.FAR_CODES[settings["FAR_PRODUCT"]], UNROLL=settings["FAR_UNROLL"], TILES=tiles,
     )
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):

@@ -29,18 +29,23 @@ BOUND = 1e-5
 
 def random_mamba_attention(
     device: str, *, batch=2, channels=6, length=150, state=5, taps=4, heads=1, skip=True, conv=True, gate=True,
-    rate_scale=3.0, seed=0,
+    rate_scale=3.0, seed=0, spikes=(),
 ):
+    """``spikes``: ``(batch row, channel, positions)`` where Δ jumps to 1000 (a spike, as trained models' Δ has):
+    with small decay rates only the row blocks holding one fail the pivoted form's exponent bound."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=g).to(device)
 
     bc_shape = (batch, heads, state, length) if heads > 1 else (batch, state, length)
+    dt = rnd(batch, channels, length)
+    for row, channel, positions in spikes:
+        dt[row, channel, positions] = 1000.0  # softplus(1000) = 1000
     return build_mamba_attention(
         "mixer",
         u=rnd(batch, channels, length),
-        dt=rnd(batch, channels, length),
+        dt=dt,
         A=-(torch.rand(channels, state, generator=g) * rate_scale).to(device),
         B=rnd(*bc_shape),
         C=rnd(*bc_shape),
@@ -187,6 +192,15 @@ def test_kernel_matches_reference_on_gpu(case):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("length", [150, 600])
+def test_kernel_mixes_the_near_tile_forms_on_gpu(length):
+    """One (batch row, channel, row block) too fast for the pivoted form: that tile pair takes the per-entry form,
+    the rest keep the pivoted one, in one launch (the flag table); equal to the reference."""
+    compare_with_reference(spiky_attention("cuda", length, 64))
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_dense_output_past_2_to_the_31_entries_on_gpu():
     """A dense ``(b, C, L, L)`` output of more than 2^31 entries (520 channels at L = 2048: 2.2e9, 8.7 GB): 32-bit
     offsets wrapped there and the kernel wrote out of bounds (H200, session 6: an illegal memory access in
@@ -283,6 +297,18 @@ def test_attn_grad_same_with_and_without_kernel_on_hf_mamba():
     assert rel_err(fast, slow) <= BOUND
 
 
+def spiky_attention(device: str, length: int, block: int):
+    """Δ spikes in one row block of one channel of the second batch row: only that (row, channel, block) fails the
+    pivoted form's bound, at every block size (so the kernel runs both forms in one launch)."""
+    from captum_implicit.ops import ssm_triton
+
+    spike = slice(block + block // 2, block + block // 2 + 4)  # inside row block 1, clear of block 0's conv halo
+    attn = random_mamba_attention(device, channels=3, length=length, state=3, rate_scale=0.1, spikes=[(1, 2, spike)])
+    _, form, exact = ssm_triton._near_forms(attn.cum, attn.rate, 4, length)
+    assert form == 2 and exact.sum() == 1 and exact[1, 2, 1] == 1, exact
+    return attn
+
+
 def _interpreter_case():
     """Emulated TF32, 16-token tiles (far tiles exist), 3 channels, and the kernel module."""
     from captum_implicit.ops import ssm_triton
@@ -313,8 +339,11 @@ def interpreter_checks() -> None:
     ssm_triton.FACTOR_ELEMENTS = 40 * 16  # one channel per launch
     compare_with_reference(attn)
     huge = random_mamba_attention("cpu", channels=2, length=40, state=3, batch=1, rate_scale=1e4)
-    assert ssm_triton._block_for(huge.cum, huge.rate, 4, 40) is None
+    assert ssm_triton._near_forms(huge.cum, huge.rate, 4, 40)[1] == 1  # the per-entry form everywhere
     compare_with_reference(huge)
+    mixed = spiky_attention("cpu", length=40, block=16)
+    assert ssm_triton._near_forms(mixed.cum, mixed.rate, 4, 40)[1] == 2  # per row, channel and row block
+    compare_with_reference(mixed)
 
 
 def interpreter_variant_checks() -> None:

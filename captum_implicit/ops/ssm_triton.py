@@ -171,13 +171,13 @@ if triton is not None:
 
     @triton.jit
     def _near_tile_exact(
-        cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, col_ptr, w_ptr,
+        cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
         base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-        HAS_SKIP: tl.constexpr, HAS_COL: tl.constexpr,
+        HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_COL: tl.constexpr,
     ):
         """A tile touching the row block with one exponential per entry and state (``e^{a (cum_t − cum_s)}``,
-        exponent ≤ 0 on the causal part): no bound needed, used when the pivoted form's bound fails; λ excluded."""
+        exponent ≤ 0 on the causal part): no bound needed, used where the pivoted form's bound fails; λ included."""
         cum_t = tl.load(cum_ptr + base_bc + offs_t, mask=mask_t, other=0.0)
         m = tl.zeros((BT, BS), dtype=tl.float32)
         if HAS_SKIP:
@@ -205,6 +205,8 @@ if triton is not None:
             m += tl.where(causal, part * (scale * col)[None, :], 0.0)
             if HAS_SKIP:
                 m += tl.where(s_j[None, :] == offs_t[:, None], d * col[None, :], 0.0)
+        if HAS_LSC:
+            m = m * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)[:, None]
         return m
 
     @triton.jit
@@ -306,29 +308,41 @@ if triton is not None:
     @triton.jit
     def _near_channels(
         acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
-        skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
+        skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr, exact_ptr,
         b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
-        L, C, H, N, s_ob, s_oc, s_ot,
+        L, C, H, N, NB, s_ob, s_oc, s_ot,
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
         PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr,
     ):
-        """Channels ``[lc0, lc1)`` of a tile touching the row block, emitted into ``acc``."""
+        """Channels ``[lc0, lc1)`` of a tile touching the row block, emitted into ``acc``. ``NEAR_EXACT``: 0 the
+        pivoted form, 1 the per-entry form, 2 per channel and row block as ``exact_ptr`` ``(b, C, NB)`` says."""
         for lc in range(lc0, lc1):
             c = c_base + lc
             base_bc = (b * C + c).to(tl.int64) * L
             h = tl.load(head_ptr + c)
             base_bh = (b * H + h).to(tl.int64) * L
-            if NEAR_EXACT:
+            base_q = (b * c_count + lc) * L
+            if NEAR_EXACT == 1:
                 m = _near_tile_exact(
-                    cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, col_ptr, w_ptr,
+                    cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
                     base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
-                    N_P, K, BT, BS, HAS_SKIP, HAS_COL,
+                    N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL,
                 )
-                if HAS_LSC:
-                    m = m * tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)[:, None]
+            elif NEAR_EXACT == 2:
+                if tl.load(exact_ptr + (b * C + c) * NB + (pivot + 1) // BT) != 0:
+                    m = _near_tile_exact(
+                        cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
+                        base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
+                        N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL,
+                    )
+                else:
+                    m = _near_tile_pivoted(
+                        q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
+                        base_bc, base_bh, base_q, c, pivot, offs_t, offs_s, offs_n, mask_t, mask_n, L, N,
+                        N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL, PRODUCT,
+                    )
             else:
-                base_q = (b * c_count + lc) * L
                 m = _near_tile_pivoted(
                     q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
                     base_bc, base_bh, base_q, c, pivot, offs_t, offs_s, offs_n, mask_t, mask_n, L, N,
@@ -342,8 +356,8 @@ if triton is not None:
     @triton.jit
     def _ssm_kernel(
         out_ptr, tiles_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr,
-        head_ptr, skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
-        L, C, H, N, c_base, c_count, ch_per_prog,
+        head_ptr, skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr, exact_ptr,
+        L, C, H, N, NB, c_base, c_count, ch_per_prog,
         s_ob, s_oc, s_ot,  # out strides (batch, channel|group, row); columns contiguous
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
@@ -392,9 +406,9 @@ if triton is not None:
             else:
                 acc = _near_channels(
                     acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
-                    skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr,
+                    skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr, exact_ptr,
                     b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
-                    L, C, H, N, s_ob, s_oc, s_ot,
+                    L, C, H, N, NB, s_ob, s_oc, s_ot,
                     N_P, K, BT, BS, MODE, HAS_SKIP, HAS_LSC, HAS_RSC, HAS_COL, PRODUCT, NEAR_EXACT,
                 )
             if MODE != 0:
@@ -523,18 +537,38 @@ def _kernel_factors(
     return q, k, kh, kl
 
 
+def _block_exponents(cum: Tensor, rate: Tensor, taps: int, length: int, block: int) -> Tensor:
+    """``(b, C, blocks)``: the largest exponent the pivoted form of a row block's tiles next to the diagonal takes,
+    ``max_n |a_n|`` times the cumulative-Δ span of the block and its conv halo (from the position before it)."""
+    padded = torch.cat([torch.zeros_like(cum[..., :1]), cum], dim=-1)  # padded[i] = cum_{i-1}
+    starts = torch.arange(0, length, block, device=cum.device)
+    ends = torch.clamp(starts + block - 1 + taps - 1, max=length - 1)
+    span = padded[..., ends + 1] - padded[..., starts]
+    return span * rate.abs().amax(-1).to(torch.float64)[:, None]
+
+
 def _block_for(cum: Tensor, rate: Tensor, taps: int, length: int) -> int | None:
     """Largest row block (64 or 32, at least 16 for ``tl.dot``) whose exponents stay below MAX_EXPONENT."""
-    zero = torch.zeros_like(cum[..., :1])
-    padded = torch.cat([zero, cum], dim=-1)  # padded[i] = cum_{i-1}
-    amax = rate.abs().amax(-1).to(torch.float64)  # (C,)
     for block in [b for b in (BLOCK, BLOCK // 2, BLOCK // 4) if b >= 16]:
-        starts = torch.arange(0, length, block, device=cum.device)
-        ends = torch.clamp(starts + block - 1 + taps - 1, max=length - 1)
-        span = padded[..., ends + 1] - padded[..., starts]  # (b, C, blocks)
-        if float((span.amax(dim=(0, 2)) * amax).max()) < MAX_EXPONENT:
+        if float(_block_exponents(cum, rate, taps, length, block).max()) < MAX_EXPONENT:
             return block
     return None
+
+
+def _near_forms(cum: Tensor, rate: Tensor, taps: int, length: int) -> tuple[int, int, Tensor | None]:
+    """The row block and the form of the tiles next to the diagonal: ``(block, NEAR_EXACT, exact)``. The pivoted
+    form (0) at the largest block whose exponents all stay below MAX_EXPONENT; else, at BLOCK, the per-entry form
+    (1) where they do not, per batch row, channel and row block (2, with ``exact`` the ``(b, C, blocks)`` int8
+    table), or everywhere (1) when nowhere do they."""
+    block = _block_for(cum, rate, taps, length)
+    if FORCE_NEAR_EXACT:
+        return block or BLOCK, 1, None
+    if block is not None:
+        return block, 0, None
+    exact = _block_exponents(cum, rate, taps, length, BLOCK) >= MAX_EXPONENT
+    if bool(exact.all()):
+        return BLOCK, 1, None
+    return BLOCK, 2, exact.to(torch.int8).contiguous()
 
 
 def _tiles(num_blocks: int, upper: bool, device: torch.device) -> Tensor:
@@ -582,11 +616,9 @@ def ssm_kernel(
     nheads, nstate = read.shape[1], read.shape[-1]
     device = cum.device
     taps = 1 if conv_weight is None else conv_weight.shape[-1]
-    # the pivoted form of the tiles next to the diagonal needs an exponent bound; without it they take one
+    # the pivoted form of the tiles next to the diagonal needs an exponent bound; where it fails they take one
     # exponential per entry and state (exact, slower); tiles further left never need it
-    block = _block_for(cum, rate, taps, length)
-    near_exact = block is None
-    block = block or BLOCK
+    block, near_form, exact_blocks = _near_forms(cum.to(torch.float64), rate, taps, length)
     f32 = torch.float32
 
     def prep(x: Tensor | None) -> Tensor | None:
@@ -657,12 +689,13 @@ def ssm_kernel(
                     out, part, q, k, kh, kl, kf, cum, rate, read, write, ws, head_of,
                     skip if skip is not None else dummy, lsc if lsc is not None else dummy,
                     rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
-                    length, nch, nheads, nstate, c0, count, per_prog,
+                    exact_blocks if exact_blocks is not None else dummy,
+                    length, nch, nheads, nstate, num_blocks, c0, count, per_prog,
                     out.stride(0), out.stride(1), out.stride(2),
                     N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
                     HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
                     HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT,
-                    NEAR_EXACT=near_exact or FORCE_NEAR_EXACT, FAR=FAR_CODES[FAR_PRODUCT], UNROLL=FAR_UNROLL,
+                    NEAR_EXACT=near_form, FAR=FAR_CODES[FAR_PRODUCT], UNROLL=FAR_UNROLL,
                     TILES=kind, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
                 )
         if side is not None:
