@@ -23,7 +23,8 @@ position of ``s``'s block), joined by ``e^{a_n (cum_p − cum_q)} ≤ 1``. The t
 (the diagonal, and its left neighbour whose conv halo reaches it) are masked per tap, ``s + j ≤ t``; they
 use the row block's pivot when ``max |a| · (cum-span of a block and its halo)`` stays below
 :data:`MAX_EXPONENT` (float32 overflows at 88.7), and otherwise one exponential per entry and state
-(``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound. Differences of cumulative sums are
+(``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound — decided per batch row, channel and
+row block (:func:`_near_forms`), so a Δ spike costs only its own block. Differences of cumulative sums are
 taken in float64, the rest in float32 (``tl.dot`` as three TF32 products that recover float32 accuracy, see
 :data:`PRODUCT`), accumulation in float32.
 
