@@ -22,7 +22,8 @@ export PYTHONPATH="$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 
 declare -A PARTS=(
   [fla]="tests/test_fla.py tests/test_fla_layers.py tests/test_lrp_fla.py tests/test_gated_deltanet.py
-         tests/test_kda.py tests/test_lrp_kimi.py tests/test_lrp_relatives.py tests/test_lrp_hybrids.py"
+         tests/test_kda.py tests/test_lrp_kimi.py tests/test_lrp_relatives.py tests/test_lrp_hybrids.py
+         tests/test_sparse_attention.py"
   [mamba]="tests/test_ssm_triton.py tests/test_gpu_mamba.py tests/test_mamba.py tests/test_mamba2.py tests/test_lrp.py
            tests/test_lrp_families.py tests/test_lrp_mamba_ssm.py tests/test_mamba_ssm_mha.py
            tests/test_lrp_mamba2_hybrids.py tests/test_lrp_falcon_zamba.py"

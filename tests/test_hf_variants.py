@@ -1,6 +1,6 @@
-"""The HF relatives of the tested families: Gated DeltaNet (Qwen3.5-MoE, LaraMini, Qwen4-Exp), KDA (Bailing-Hybrid,
-GLM-5-Next), gated short conv (LFM2-MoE, LFM3) and the softmax layers of hybrids (Zamba2, FalconH1, NemotronH,
-LFM2-MoE, LFM3, Qwen3.5-MoE, LaraMini, Bailing-Hybrid).
+"""The HF relatives of the tested families: Gated DeltaNet (Qwen3.5, Qwen3.5-MoE, LaraMini, Qwen4-Exp), KDA
+(Bailing-Hybrid, GLM-5-Next), gated short conv (LFM2-MoE, LFM3) and the softmax layers of hybrids (Zamba2, FalconH1,
+NemotronH, LFM2-MoE, LFM3, Qwen3.5, Qwen3.5-MoE, LaraMini, Bailing-Hybrid).
 
 Each layer's ``output()`` must equal the real tensor entering its output projection, captured independently
 (``OutputRecorder``), in float64 and float32 with left padding; aggregate/row must agree with dense.
@@ -39,6 +39,13 @@ _KDA = dict(
 _LFM = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
             conv_bias=True)
 T = transformers
+
+
+def _qwen3_5():  # the dense Qwen3.5 (its Gated DeltaNet: tests/test_gated_deltanet.py; here its attention too)
+    moe = ("moe_intermediate_size", "num_experts", "num_experts_per_tok", "experts_implementation")
+    cfg = T.Qwen3_5TextConfig(**{k: v for k, v in _GDN.items() if k not in moe},
+                              layer_types=["linear_attention", "full_attention"])
+    return T.Qwen3_5ForCausalLM(cfg)
 
 
 def _qwen3_5_moe():
@@ -81,8 +88,9 @@ def _lfm2_moe():
 
 
 def _lfm3(conv_L_cache: int = 7):  # LFM3's default width
-    cfg = T.Lfm3Config(**_LFM, conv_L_cache=conv_L_cache, num_hidden_layers=4, head_dim=16, sliding_window=8, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2, layer_types=["conv", "sliding_attention", "conv", "full_attention"])
+    cfg = T.Lfm3Config(**_LFM, conv_L_cache=conv_L_cache, num_hidden_layers=4, head_dim=16, sliding_window=8,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       layer_types=["conv", "sliding_attention", "conv", "full_attention"])
     return T.Lfm3ForCausalLM(cfg)
 
 
@@ -108,6 +116,7 @@ def _nemotron_h():
 
 # kind -> (builder, families of the captured layers in forward order, families whose exactness this file checks)
 KINDS: dict[str, tuple[Callable[[], torch.nn.Module], list[str], set[str]]] = {
+    "qwen3_5": (_qwen3_5, ["gated_deltanet", "softmax"], {"gated_deltanet", "softmax"}),
     "qwen3_5_moe": (_qwen3_5_moe, ["gated_deltanet", "softmax"], {"gated_deltanet", "softmax"}),
     "lara_mini": (_lara_mini, ["gated_deltanet", "softmax", "softmax"], {"gated_deltanet", "softmax"}),
     "qwen4_exp": (_qwen4_exp, ["gated_deltanet"] * 2, {"gated_deltanet"}),
@@ -133,7 +142,8 @@ def _built(build: Callable[[], torch.nn.Module], dtype: torch.dtype, seed: int) 
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # weights that initialise to 1 or 0 would make a row scale / offset trivial
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", "o_norm.weight")) and ("linear_attn" in name or "self_attn.o_norm" in name):
+            in_linear = "linear_attn" in name or "self_attn.o_norm" in name
+            if name.endswith(("norm.weight", "o_norm.weight")) and in_linear:
                 p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) + 0.5)
             elif name.endswith("conv.conv.bias"):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
@@ -161,7 +171,7 @@ def _bound(family: str, dtype: torch.dtype) -> float:
 
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
-@settings(max_examples=8)  # ten model kinds: fewer examples each than the profile's default
+@settings(max_examples=8)  # a dozen model kinds: fewer examples each than the profile's default
 @given(
     dtype=st.sampled_from([torch.float64, torch.float32]),
     seed=st.integers(0, 1),

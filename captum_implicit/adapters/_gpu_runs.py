@@ -27,3 +27,8 @@ BOTH_CONVS = "with causal-conv1d's CUDA conv (transformers 5.24) and without it 
 ONLY_5_24 = "transformers 5.24 with causal-conv1d"
 #: no GPU test builds this class
 NO_GPU_TEST = "— (no GPU test of this class)"
+
+
+def written_not_run(test: str) -> str:
+    """A GPU test exists (``test``: its file or node id) but no GPU run has executed it yet."""
+    return f"— (GPU test written, not yet run: {test})"
