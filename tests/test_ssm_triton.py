@@ -193,10 +193,16 @@ def test_kernel_matches_reference_on_gpu(case):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("length", [150, 600])
-def test_kernel_mixes_the_near_tile_forms_on_gpu(length):
-    """One (batch row, channel, row block) too fast for the pivoted form: that tile pair takes the per-entry form,
-    the rest keep the pivoted one, in one launch (the flag table); equal to the reference."""
-    compare_with_reference(spiky_attention("cuda", length, 64))
+def test_kernel_mixes_the_near_tile_forms_on_gpu(length, monkeypatch):
+    """One (batch row, channel, row block) too fast for the pivoted form: with MIXED_NEAR_FORMS that tile pair
+    takes the per-entry form, the rest keep the pivoted one, in one launch (the flag table); equal to the reference.
+    Once this has passed on the GPU, MIXED_NEAR_FORMS can become the default."""
+    from captum_implicit.ops import ssm_triton
+
+    monkeypatch.setattr(ssm_triton, "MIXED_NEAR_FORMS", True)
+    attn = spiky_attention("cuda", length, 64)
+    assert ssm_triton._near_forms(attn.cum, attn.rate, 4, length)[1] == 2
+    compare_with_reference(attn)
 
 
 @pytest.mark.gpu
@@ -299,13 +305,14 @@ def test_attn_grad_same_with_and_without_kernel_on_hf_mamba():
 
 def spiky_attention(device: str, length: int, block: int):
     """Δ spikes in one row block of one channel of the second batch row: only that (row, channel, block) fails the
-    pivoted form's bound, at every block size (so the kernel runs both forms in one launch)."""
+    pivoted form's bound, at every block size (with MIXED_NEAR_FORMS the kernel runs both forms in one launch)."""
     from captum_implicit.ops import ssm_triton
 
     spike = slice(block + block // 2, block + block // 2 + 4)  # inside row block 1, clear of block 0's conv halo
     attn = random_mamba_attention(device, channels=3, length=length, state=3, rate_scale=0.1, spikes=[(1, 2, spike)])
-    _, form, exact = ssm_triton._near_forms(attn.cum, attn.rate, 4, length)
-    assert form == 2 and exact.sum() == 1 and exact[1, 2, 1] == 1, exact
+    assert ssm_triton._block_for(attn.cum, attn.rate, 4, length) is None
+    exact = ssm_triton._block_exponents(attn.cum, attn.rate, 4, length, block) >= ssm_triton.MAX_EXPONENT
+    assert exact.sum() == 1 and exact[1, 2, 1], exact
     return attn
 
 
@@ -342,6 +349,9 @@ def interpreter_checks() -> None:
     assert ssm_triton._near_forms(huge.cum, huge.rate, 4, 40)[1] == 1  # the per-entry form everywhere
     compare_with_reference(huge)
     mixed = spiky_attention("cpu", length=40, block=16)
+    assert ssm_triton._near_forms(mixed.cum, mixed.rate, 4, 40)[1] == 1  # opt-in: the per-entry form everywhere
+    compare_with_reference(mixed)
+    ssm_triton.MIXED_NEAR_FORMS = True
     assert ssm_triton._near_forms(mixed.cum, mixed.rate, 4, 40)[1] == 2  # per row, channel and row block
     compare_with_reference(mixed)
 

@@ -23,8 +23,9 @@ position of ``s``'s block), joined by ``e^{a_n (cum_p − cum_q)} ≤ 1``. The t
 (the diagonal, and its left neighbour whose conv halo reaches it) are masked per tap, ``s + j ≤ t``; they
 use the row block's pivot when ``max |a| · (cum-span of a block and its halo)`` stays below
 :data:`MAX_EXPONENT` (float32 overflows at 88.7), and otherwise one exponential per entry and state
-(``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound — decided per batch row, channel and
-row block (:func:`_near_forms`), so a Δ spike costs only its own block. Differences of cumulative sums are
+(``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound — in the whole layer, or (opt-in,
+:data:`MIXED_NEAR_FORMS`) only in the row blocks that fail the bound, so that a Δ spike costs only its own block
+(:func:`_near_forms`). Differences of cumulative sums are
 taken in float64, the rest in float32 (``tl.dot`` as three TF32 products that recover float32 accuracy, see
 :data:`PRODUCT`), accumulation in float32.
 
@@ -77,6 +78,10 @@ NUM_STAGES = 4
 DENSE_CHANNELS = 16
 #: always use the per-entry form next to the diagonal (tests)
 FORCE_NEAR_EXACT = False
+#: where the pivoted form's bound fails somewhere, take the per-entry form only in the row blocks that fail it (per
+#: batch row and channel) instead of in the whole layer. Opt-in until its GPU test has run
+#: (tests/test_ssm_triton.py::test_kernel_mixes_the_near_tile_forms_on_gpu; checked in Triton's interpreter)
+MIXED_NEAR_FORMS = False
 #: elements of one precomputed factor tensor per launch (channels are processed in chunks of this size)
 FACTOR_ELEMENTS = 1 << 28
 #: build the factors with :func:`_factor_kernel` (False: the torch reference :func:`_factors`, which makes a dozen
@@ -559,13 +564,15 @@ def _block_for(cum: Tensor, rate: Tensor, taps: int, length: int) -> int | None:
 def _near_forms(cum: Tensor, rate: Tensor, taps: int, length: int) -> tuple[int, int, Tensor | None]:
     """The row block and the form of the tiles next to the diagonal: ``(block, NEAR_EXACT, exact)``. The pivoted
     form (0) at the largest block whose exponents all stay below MAX_EXPONENT; else, at BLOCK, the per-entry form
-    (1) where they do not, per batch row, channel and row block (2, with ``exact`` the ``(b, C, blocks)`` int8
-    table), or everywhere (1) when nowhere do they."""
+    everywhere (1) or, with :data:`MIXED_NEAR_FORMS`, where the exponents do not stay below it, per batch row,
+    channel and row block (2, with ``exact`` the ``(b, C, blocks)`` int8 table; 1 when nowhere do they)."""
     block = _block_for(cum, rate, taps, length)
     if FORCE_NEAR_EXACT:
         return block or BLOCK, 1, None
     if block is not None:
         return block, 0, None
+    if not MIXED_NEAR_FORMS:
+        return BLOCK, 1, None
     exact = _block_exponents(cum, rate, taps, length, BLOCK) >= MAX_EXPONENT
     if bool(exact.all()):
         return BLOCK, 1, None
