@@ -207,6 +207,24 @@ def test_kernel_mixes_the_near_tile_forms_on_gpu(length, monkeypatch):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("block", [32, 16])
+def test_wide_far_tiles_on_gpu(block, monkeypatch):
+    """WIDE_FAR_BLOCK=64 with near tiles that need 32 or 16: the far tiles in 64-tiles, the rest in the small ones;
+    against the shipped kernel and the reference, in one channel chunk and in two."""
+    from captum_implicit.ops import ssm_triton
+
+    attn = wide_far_case("cuda", 300, block, channels=3)
+    with blockwise(triton=False):
+        ref = kernel_outputs(attn)
+    shipped = kernel_outputs(attn)
+    monkeypatch.setattr(ssm_triton, "WIDE_FAR_BLOCK", 64)
+    for elements in (1 << 28, 2 * attn.batch_size * 300 * 16):
+        monkeypatch.setattr(ssm_triton, "FACTOR_ELEMENTS", elements)
+        compare_variant(kernel_outputs(attn), shipped, ref, exact=False)
+
+
+@pytest.mark.gpu
+@requires_cuda
 def test_dense_output_past_2_to_the_31_entries_on_gpu():
     """A dense ``(b, C, L, L)`` output of more than 2^31 entries (520 channels at L = 2048: 2.2e9, 8.7 GB): 32-bit
     offsets wrapped there and the kernel wrote out of bounds (H200, session 6: an illegal memory access in
@@ -316,6 +334,18 @@ def spiky_attention(device: str, length: int, block: int):
     return attn
 
 
+def wide_far_case(device: str, length: int, block: int, **kw):
+    """A layer whose tiles next to the diagonal need ``block`` (the pivoted form's bound fails at the sizes above
+    it), so that WIDE_FAR_BLOCK can put the far tiles at a larger one: the smallest decay rates that do."""
+    from captum_implicit.ops import ssm_triton
+
+    for rate_scale in (0.5, 1.0, 1.5, 2.0, 3.0, 4.0):
+        attn = random_mamba_attention(device, length=length, rate_scale=rate_scale, **kw)
+        if ssm_triton._block_for(attn.cum, attn.rate, 4, length) == block:
+            return attn
+    raise AssertionError(f"no rate scale makes the near tiles take block {block}")
+
+
 def _interpreter_case():
     """Emulated TF32, 16-token tiles (far tiles exist), 3 channels, and the kernel module."""
     from captum_implicit.ops import ssm_triton
@@ -359,7 +389,8 @@ def interpreter_checks() -> None:
 def interpreter_variant_checks() -> None:
     """The checks of :func:`test_far_tile_variants_in_triton_interpreter` (``TRITON_INTERPRET=1`` process): the
     3 channels in one program (a pair, then the odd one), then 2 + 1 over two launches; bit for bit where the
-    products are the shipped ones (only the loop or the launches differ)."""
+    products are the shipped ones (only the loop or the launches differ). Then far tiles wider than the near ones
+    (WIDE_FAR_BLOCK), and the per-entry form."""
     ssm_triton, attn = _interpreter_case()
     with blockwise(triton=False):
         ref = kernel_outputs(attn)
@@ -372,6 +403,18 @@ def interpreter_variant_checks() -> None:
         for elements in (1 << 28, 2 * 40 * 16 * (4 if fused else 1)):
             ssm_triton.FACTOR_ELEMENTS = elements
             compare_variant(kernel_outputs(attn), shipped, ref, exact=not fused)
+    # far tiles at 32 over the near tiles' 16 (three launches: wide far, far, near), in one channel chunk and in two
+    for key, value in shipped_settings.items():
+        setattr(ssm_triton, key, value)
+    wide = wide_far_case("cpu", 100, 16, channels=3, state=3, batch=1)
+    with blockwise(triton=False):
+        ref = kernel_outputs(wide)
+    shipped = kernel_outputs(wide)
+    ssm_triton.WIDE_FAR_BLOCK = 32
+    for elements in (1 << 28, 2 * 100 * 16):
+        ssm_triton.FACTOR_ELEMENTS = elements
+        compare_variant(kernel_outputs(wide), shipped, ref, exact=False)
+    ssm_triton.WIDE_FAR_BLOCK, ssm_triton.FACTOR_ELEMENTS = None, 1 << 28
     # decays too fast for the pivoted near tiles: the per-entry form in the launch of the other tiles
     # (slow in the interpreter: dense and Ā only)
     huge = random_mamba_attention("cpu", channels=2, length=40, state=3, batch=1, rate_scale=1e4)

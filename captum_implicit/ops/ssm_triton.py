@@ -82,6 +82,12 @@ FORCE_NEAR_EXACT = False
 #: batch row and channel) instead of in the whole layer. Opt-in until its GPU test has run
 #: (tests/test_ssm_triton.py::test_kernel_mixes_the_near_tile_forms_on_gpu; checked in Triton's interpreter)
 MIXED_NEAR_FORMS = False
+#: far tiles at this block size when the tiles next to the diagonal need a smaller one (their pivoted form's bound
+#: fails at BLOCK; far tiles need no bound): fewer, larger tile products over the bulk of the matrix, at the cost of a
+#: second factor set. ``None``: every tile at the near tiles' block. Opt-in until timed (benchmarks/sweep_kernel.py):
+#: layers whose Δ spikes fail the bound at 64 (the random-init mamba-ssm layer of the benchmarks, and so every
+#: session-3-to-6 timing) run all their tiles at 32
+WIDE_FAR_BLOCK: int | None = None
 #: elements of one precomputed factor tensor per launch (channels are processed in chunks of this size)
 FACTOR_ELEMENTS = 1 << 28
 #: build the factors with :func:`_factor_kernel` (False: the torch reference :func:`_factors`, which makes a dozen
@@ -543,6 +549,31 @@ def _kernel_factors(
     return q, k, kh, kl
 
 
+def _chunk_factors(
+    ch: slice, block: int, n_pad: int, fused: bool, head_of: Tensor, inputs: dict
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The kernel's factor arguments for the channels ``ch``, pivoted at ``block``: ``(q, k, kh, kl, kf)`` with
+    placeholders for what :data:`FAR_PRODUCT` does not read. ``inputs``: as prepared by :func:`ssm_kernel`."""
+    split = FAR_PRODUCT != "register"  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared), rest
+    dummy = inputs["cum"].new_zeros(1, dtype=torch.float32)
+    if FACTOR_KERNEL:
+        q, k, kh, kl = _kernel_factors(ch, block, n_pad, split, head_of=head_of, **inputs)
+    else:
+        q, k = _factors(ch, block, n_pad, head_of=head_of.long(), **inputs)
+        kh = kl = dummy
+        if split:
+            kt = k.transpose(-1, -2).contiguous()
+            kh = (kt.view(torch.int32) & -8192).view(torch.float32)
+            kl = kt - kh
+            del kt
+    kf = dummy
+    if fused:  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
+        bsz, count, _, length = kh.shape
+        kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
+        kh = kl = dummy
+    return q, k, kh, kl, kf
+
+
 def _block_exponents(cum: Tensor, rate: Tensor, taps: int, length: int, block: int) -> Tensor:
     """``(b, C, blocks)``: the largest exponent the pivoted form of a row block's tiles next to the diagonal takes,
     ``max_n |a_n|`` times the cumulative-Δ span of the block and its conv halo (from the position before it)."""
@@ -577,6 +608,11 @@ def _near_forms(cum: Tensor, rate: Tensor, taps: int, length: int) -> tuple[int,
     if bool(exact.all()):
         return BLOCK, 1, None
     return BLOCK, 2, exact.to(torch.int8).contiguous()
+
+
+def _far(tiles: Tensor, block: int, taps: int) -> Tensor:
+    """Which ``(row block, column block)`` tiles are far: their columns and conv halo end before the row block."""
+    return tiles[:, 1] * block + block - 1 + taps - 1 <= tiles[:, 0] * block - 1
 
 
 def _tiles(num_blocks: int, upper: bool, device: torch.device) -> Tensor:
@@ -642,12 +678,20 @@ def ssm_kernel(
     num_blocks = math.ceil(length / block)
     dense = mode == "dense"
     tiles = _tiles(num_blocks, dense, device)
+    launches = []  # (TILES, tiles, their block size), each tile of the output in exactly one launch
+    wide = WIDE_FAR_BLOCK
+    if wide is not None and block < wide and wide % block == 0:
+        wide_tiles = _tiles(math.ceil(length / wide), False, device)
+        launches.append((1, wide_tiles[_far(wide_tiles, wide, taps)].contiguous(), wide))
+        # the small tiles inside a far wide tile are its launch's
+        tiles = tiles[~_far(torch.div(tiles, wide // block, rounding_mode="floor"), wide, taps)]
     separate_far = (not dense) if SEPARATE_FAR is None else SEPARATE_FAR
     if separate_far:  # far: the columns and their conv halo end before the row block (as in the kernel)
-        far = tiles[:, 1] * block + block - 1 + taps - 1 <= tiles[:, 0] * block - 1
-        launches = [(kind, part.contiguous()) for kind, part in ((1, tiles[far]), (2, tiles[~far])) if len(part)]
+        far = _far(tiles, block, taps)
+        launches += [(kind, part.contiguous(), block) for kind, part in ((1, tiles[far]), (2, tiles[~far]))]
     else:
-        launches = [(0, tiles)]
+        launches.append((0, tiles, block))
+    launches = [launch for launch in launches if len(launch[1])]
     if FAR_PRODUCT not in FAR_CODES or FAR_UNROLL not in (1, 2):
         raise ValueError(f"FAR_PRODUCT={FAR_PRODUCT!r}, FAR_UNROLL={FAR_UNROLL!r}: unknown far-tile variant")
     fused = FAR_PRODUCT == "fused"
@@ -660,29 +704,16 @@ def ssm_kernel(
     else:
         # enough programs to fill the GPU; partial sums per channel group, summed (deterministically) after
         want = PROGRAMS if device.type == "cuda" else 1
-        groups = max(1, min(chunk, math.ceil(want / (tiles.shape[0] * bsz))))
+        groups = max(1, min(chunk, math.ceil(want / (sum(len(part) for _, part, _ in launches) * bsz))))
         per_prog = math.ceil(chunk / groups)
         groups = math.ceil(chunk / per_prog)
         out = torch.zeros(bsz, groups, length, length, dtype=f32, device=device)
     for c0 in range(0, nch, chunk):
         ch = slice(c0, min(c0 + chunk, nch))
         count = ch.stop - ch.start
-        split = FAR_PRODUCT != "register"  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared), rest
-        factors = dict(cum=cum, rate=rate, read=read, write=write, ws=ws, lsc=lsc, col=col, rsc=rsc, weight=weight)
-        if FACTOR_KERNEL:
-            q, k, kh, kl = _kernel_factors(ch, block, n_pad, split, head_of=head_of, **factors)
-        else:
-            q, k = _factors(ch, block, n_pad, head_of=head_of.long(), **factors)
-            kh = kl = dummy
-            if split:
-                kt = k.transpose(-1, -2).contiguous()
-                kh = (kt.view(torch.int32) & -8192).view(torch.float32)
-                kl = kt - kh
-                del kt
-        kf = dummy
-        if fused:  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
-            kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
-            kh = kl = dummy
+        inputs = dict(cum=cum, rate=rate, read=read, write=write, ws=ws, lsc=lsc, col=col, rsc=rsc, weight=weight)
+        # (q, k, kh, kl, kf) per block size in use, pivoted at that size
+        factors = {blk: _chunk_factors(ch, blk, n_pad, fused, head_of, inputs) for blk in {b for _, _, b in launches}}
         side, order = None, launches
         if OVERLAP_NEAR and len(launches) > 1 and device.type == "cuda":
             side = torch.cuda.Stream(device)
@@ -690,17 +721,17 @@ def ssm_kernel(
             # the long near-tile programs first: the GPU hands out a kernel's blocks roughly in launch order,
             # so the far launch's many short programs then fill the slots around them
             order = launches[::-1]
-        for kind, part in order:  # each tile belongs to exactly one launch: no two write the same output
+        for kind, part, blk in order:  # each tile belongs to exactly one launch: no two write the same output
             grid = (part.shape[0], bsz, math.ceil(count / per_prog) if dense else groups)
             with torch.cuda.stream(side) if side is not None and kind == 2 else contextlib.nullcontext():
                 _ssm_kernel[grid](
-                    out, part, q, k, kh, kl, kf, cum, rate, read, write, ws, head_of,
+                    out, part, *factors[blk], cum, rate, read, write, ws, head_of,
                     skip if skip is not None else dummy, lsc if lsc is not None else dummy,
                     rsc if rsc is not None else dummy, col if col is not None else dummy, weight,
                     exact_blocks if exact_blocks is not None else dummy,
                     length, nch, nheads, nstate, num_blocks, c0, count, per_prog,
                     out.stride(0), out.stride(1), out.stride(2),
-                    N_P=n_pad, K=taps, BT=block, BS=block, MODE=MODES[mode],
+                    N_P=n_pad, K=taps, BT=blk, BS=blk, MODE=MODES[mode],
                     HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
                     HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT,
                     NEAR_EXACT=near_form, FAR=FAR_CODES[FAR_PRODUCT], UNROLL=FAR_UNROLL,
@@ -709,7 +740,7 @@ def ssm_kernel(
         if side is not None:
             # later work (the next chunk, the group sum, freeing the factors) waits for the side stream too
             torch.cuda.current_stream(device).wait_stream(side)
-        del q, k, kh, kl, kf
+        del factors
     if dense:
         return out
     if mode == "max_abs":
