@@ -139,6 +139,30 @@ class OutputRecorder:
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 
 
+def check_every_layer(model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype, device: str = "cuda") -> list:
+    """Capture ``model`` (already on ``device`` in ``dtype``) on ``ids`` ``(b, L)``, the last row left-padded by 5
+    tokens, and check that every captured layer's ``output()`` equals the real input of its output projection
+    (``o_proj``, ``out_proj`` or ``linear_out``, recorded independently) within ``GPU_BOUND[dtype]``. Returns the
+    layers, for the caller's checks of their families."""
+    from contextlib import ExitStack
+
+    from captum_implicit.core.capture import implicit_attention
+
+    ids = ids.to(device)
+    mask = torch.ones_like(ids)
+    mask[-1, :5] = 0
+    recorders = [OutputRecorder(model, suffix) for suffix in ("o_proj", "out_proj", "linear_out")]
+    with ExitStack() as stack:
+        for recorder in recorders:
+            stack.enter_context(recorder)
+        layers = implicit_attention(model, input_ids=ids, attention_mask=mask, use_cache=False)
+    real = {name: x for recorder in recorders for name, x in recorder.inputs.items()}
+    for attn in layers:
+        err = rel_err(attn.output(), real[attn.name].float())
+        assert err < GPU_BOUND[dtype], (attn.name, attn.family, err)
+    return layers
+
+
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     """With ``CAPTUM_IMPLICIT_FAILURE_LOG=path``, append each failure as it happens (GPU runs under a time limit
     may be cut before pytest's summary)."""

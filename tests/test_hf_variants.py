@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from captum_implicit.core.capture import implicit_attention
-from conftest import GPU_BOUND, OutputRecorder, assert_views_match_dense, rel_err, requires_cuda
+from conftest import OutputRecorder, assert_views_match_dense, check_every_layer, rel_err, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -222,12 +222,6 @@ def test_every_layer_on_cuda(kind, dtype):
         if "module transformers has no attribute" not in str(error):
             raise
         pytest.skip(f"{kind}: not in transformers {transformers.__version__}")
-    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(3)).cuda()
-    mask = torch.ones_like(ids)
-    mask[-1, :5] = 0
-    with OutputRecorder(model, "o_proj") as a, OutputRecorder(model, "out_proj") as b:
-        layers = implicit_attention(model, input_ids=ids, attention_mask=mask, use_cache=False)
-    real = {**a.inputs, **b.inputs}
+    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(3))
+    layers = check_every_layer(model, ids, dtype)
     assert [x.family for x in layers] == KINDS[kind][1]
-    for attn in layers:
-        assert rel_err(attn.output(), real[attn.name].float()) < GPU_BOUND[dtype], (attn.name, attn.family)

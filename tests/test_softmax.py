@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from captum_implicit.config import blockwise
 from captum_implicit.core.capture import implicit_attention
 from captum_implicit.layers.softmax import SoftmaxAttention
-from conftest import GPU_BOUND, OutputRecorder, assert_views_match_dense, rel_err, requires_cuda
+from conftest import OutputRecorder, assert_views_match_dense, check_every_layer, rel_err, requires_cuda
 
 transformers = pytest.importorskip("transformers")
 
@@ -244,14 +244,6 @@ def test_every_layer_of_the_hybrids_on_cuda(kind, dtype):
             raise
         pytest.skip(f"{kind}: not in transformers {transformers.__version__}")
     model = copy.deepcopy(model).to("cuda", dtype)
-    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(3)).cuda()
-    mask = torch.ones_like(ids)
-    mask[-1, :5] = 0
-    recorders = [OutputRecorder(model, suffix) for suffix in ("o_proj", "out_proj", "linear_out")]
-    with recorders[0], recorders[1], recorders[2]:
-        layers = implicit_attention(model, input_ids=ids, attention_mask=mask, use_cache=False)
-    real = {name: x for r in recorders for name, x in r.inputs.items()}
+    ids = torch.randint(0, VOCAB, (2, 80), generator=torch.Generator().manual_seed(3))
+    layers = check_every_layer(model, ids, dtype)
     assert len({a.family for a in layers}) == 2, [a.family for a in layers]  # a recurrent family and softmax
-    for attn in layers:
-        err = rel_err(attn.output(), real[attn.name].float())
-        assert err < GPU_BOUND[dtype], (attn.name, attn.family, err)

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from captum_implicit.core.capture import implicit_attention
-from conftest import GPU_BOUND, OutputRecorder, assert_views_match_dense, rel_err, requires_cuda
+from conftest import OutputRecorder, assert_views_match_dense, check_every_layer, rel_err, requires_cuda
 
 pytest.importorskip("transformers")
 from test_lrp_relatives import VOCAB, tiny_glm5_next, tiny_qwen4_exp  # noqa: E402
@@ -138,12 +138,6 @@ def test_every_layer_on_cuda(kind, dtype):
     eager), float32 and bf16, left padding: a linear, a sparse and a shared-indexer layer (GLM), each reproduces the
     real input of its output projection (bounds: conftest.GPU_BOUND)."""
     model = _build(kind, torch.float32, 3, (3, (1, 2), (2,)), 2, 2).to("cuda", dtype)
-    ids = torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4)).cuda()
-    mask = torch.ones_like(ids)
-    mask[-1, :5] = 0
-    with OutputRecorder(model, "o_proj") as a, OutputRecorder(model, "out_proj") as b:
-        layers = implicit_attention(model, input_ids=ids, attention_mask=mask, use_cache=False)
-    real = {**a.inputs, **b.inputs}
+    ids = torch.randint(1, VOCAB, (2, 40), generator=torch.Generator().manual_seed(4))
+    layers = check_every_layer(model, ids, dtype)
     assert [x.family for x in layers] == [LINEAR[kind], "softmax", "softmax"]
-    for attn in layers:
-        assert rel_err(attn.output(), real[attn.name].float()) < GPU_BOUND[dtype], (attn.name, attn.family)
