@@ -193,7 +193,8 @@ def zoo_task(name: str, examples: int):
             for ex in data.trigger_split("test")[:examples]
         ]
     else:
-        items = [{"input_ids": tokenizer.encode(s.text), "label": s.label} for s in data.rotten_tomatoes("test")[:examples]]
+        test = data.rotten_tomatoes("test")[:examples]
+        items = [{"input_ids": tokenizer.encode(s.text), "label": s.label} for s in test]
     return Task(
         name,
         model,

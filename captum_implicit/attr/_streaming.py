@@ -119,7 +119,8 @@ class streamed_run:  # noqa: N801 - a context manager used like a function
         query_position: QueryType,
     ) -> None:
         self.forward_func, self.model = forward_func, resolve_model(forward_func, model)
-        self.inputs, self.target, self.afa, self.query_position = inputs, target, additional_forward_args, query_position
+        self.inputs, self.target = inputs, target
+        self.afa, self.query_position = additional_forward_args, query_position
         self._capture = Capture(self.model, build=False)
 
     def __enter__(self) -> StreamedRun:

@@ -132,7 +132,9 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
         if streaming:
             if method != "chefer":
                 raise ValueError("streaming=True is available for method='chefer' only")
-            relevance = self._streamed_relevance(inputs_t, target, afa, query_position, start_layer, row_normalize, reduce)
+            relevance = self._streamed_relevance(
+                inputs_t, target, afa, query_position, start_layer, row_normalize, reduce
+            )
             return self._format(relevance, inputs_t, is_tuple)
         grad_to = "output" if method == "chefer" else "block"
         run = self._run(inputs_t, target, afa, query_position, grad_to=grad_to)

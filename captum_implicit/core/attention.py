@@ -130,7 +130,8 @@ class LayerAttention(ABC):
         width = cols.stop - cols.start
         if ext.stop <= ext.start:
             nch = _count(channels, self.num_channels)
-            return torch.zeros(self.batch_size, nch, rows.stop - rows.start, width, dtype=self.dtype, device=self.device)
+            shape = (self.batch_size, nch, rows.stop - rows.start, width)
+            return torch.zeros(shape, dtype=self.dtype, device=self.device)
         core = self.core_block(channels, rows, ext)
         if self.col_scale is not None:
             core = core * self.col_scale[:, channels, None, ext].to(core.dtype)

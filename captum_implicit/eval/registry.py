@@ -3,8 +3,8 @@
 The Captum baselines and the random baseline are registered here. Our own methods live in
 ``captum_implicit.attr`` / ``captum_implicit.lrp`` and are imported only when first built, so the
 evaluation works (and can be tested) before, and independently of, those modules. Each of ours is
-constructed as ``cls(IdsForward(model))`` (LRP: see :func:`~.explainers.gated_linear_lrp`) — an ``nn.Module`` calling the model by keyword with
-``(input_ids, attention_mask)`` — and called as
+constructed as ``cls(IdsForward(model))`` (LRP: see :func:`~.explainers.gated_linear_lrp`) — an ``nn.Module``
+calling the model by keyword with ``(input_ids, attention_mask)`` — and called as
 ``attribute(input_ids, target=target, additional_forward_args=(attention_mask,), **options)``.
 """
 

@@ -10,9 +10,9 @@ Channels are the ``C = H·P`` (head, head-dim) pairs of the scan, ordered ``c = 
 
 with ``x`` the pre-conv x-channels of ``xBC`` (the values, ``dv = 1``), ``T_c`` the causal
 depthwise conv, ``m`` the padding mask (SiLU stands for whatever activation the conv has,
-e.g. NemotronH's ``mamba_hidden_act``; it is frozen as the slope ``u/p``), ``Δ = clamp(softplus(dt + dt_bias), *dt_limit)``
-and ``ρ_{t,g'} = rsqrt(mean_{group g'}((y ⊙ SiLU z)_t²) + eps)`` the gated group-RMS
-statistic (``(y)_t²`` when the norm comes before the gate), frozen per token. All ``P``
+e.g. NemotronH's ``mamba_hidden_act``; it is frozen as the slope ``u/p``),
+``Δ = clamp(softplus(dt + dt_bias), *dt_limit)`` and ``ρ_{t,g'} = rsqrt(mean_{group g'}((y ⊙ SiLU z)_t²) + eps)``
+the gated group-RMS statistic (``(y)_t²`` when the norm comes before the gate), frozen per token. All ``P``
 channels of a head share ``α_h``: it is computed once per head and expanded.
 
 So ``A = diag(o/y) (α + D I) diag(u/p) T`` and ``offset = diag(o/y)(α + D I)(u/p ⊙ b)``.

@@ -137,7 +137,8 @@ def build_rglru_attention(
         segment = None  # no reset after the first position: nothing to cut
 
     xb = conv_output.to(dtype)
-    col = torch.where(xb != 0, scan_input.to(dtype) / torch.where(xb != 0, xb, torch.ones_like(xb)), input_scale.to(dtype))
+    safe = torch.where(xb != 0, xb, torch.ones_like(xb))
+    col = torch.where(xb != 0, scan_input.to(dtype) / safe, input_scale.to(dtype))
     return RglruAttention(
         name=name,
         values=values.to(dtype).transpose(1, 2)[..., None].contiguous(),

