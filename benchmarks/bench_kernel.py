@@ -107,7 +107,8 @@ def main() -> None:
     lines = [
         f"# One layer's aggregate() and Ā on {torch.cuda.get_device_name()} (torch {torch.__version__})",
         "",
-        f"Measured matmul rates (8192², torch.matmul): float32 IEEE {f32 / 1e12:.1f} TFLOP/s, TF32 {tf32 / 1e12:.1f} TFLOP/s.",
+        f"Measured matmul rates (8192², torch.matmul): float32 IEEE {f32 / 1e12:.1f} TFLOP/s, "
+        f"TF32 {tf32 / 1e12:.1f} TFLOP/s.",
         "",
         "| size | d_inner | L | near block | Ā (s) | mean (s) | peak extra GiB (Ā) | kernel FLOPs | TFLOP/s (Ā) "
         "| % of fp32 | % of TF32 |",

@@ -1,7 +1,8 @@
 """Benchmark 2: seconds per explanation — ImplicitAttnGrad against one forward+backward of the same model and
 against Captum's IntegratedGradients (50 steps), FeatureAblation and KernelShap, on the same inputs.
 
-    python benchmarks/bench_methods.py --device cpu  --size tiny   --length 64   --skip kernel_shap --out benchmarks/results/methods-cpu.md
+    python benchmarks/bench_methods.py --device cpu  --size tiny   --length 64   --skip kernel_shap \
+        --out benchmarks/results/methods-cpu.md
 
 (Captum's KernelShap needs scikit-learn, which the dev install does not include.)
     python benchmarks/bench_methods.py --device cuda --size 130m   --length 4096 --impl mamba_ssm \
@@ -117,15 +118,27 @@ def main() -> None:
     rows.append(("ImplicitAttnGrad", timed(lambda: ours.attribute(ids, target=target), dev)))
     if "ig" not in skip:
         ig = IntegratedGradients(wrapped)
-        rows.append(("IntegratedGradients (50 steps)", timed(lambda: ig.attribute(embeds, target=target, n_steps=50, internal_batch_size=10), dev, 1)))
+
+        def run():
+            return ig.attribute(embeds, target=target, n_steps=50, internal_batch_size=10)
+
+        rows.append(("IntegratedGradients (50 steps)", timed(run, dev, 1)))
     if "feature_ablation" not in skip:
         fa = FeatureAblation(wrapped)
         mask = torch.arange(length, device=dev)[None, :, None].expand_as(embeds)
-        rows.append(("FeatureAblation (one token at a time)", timed(lambda: fa.attribute(embeds, target=target, feature_mask=mask, perturbations_per_eval=a.batch), dev, 1)))
+
+        def run():
+            return fa.attribute(embeds, target=target, feature_mask=mask, perturbations_per_eval=a.batch)
+
+        rows.append(("FeatureAblation (one token at a time)", timed(run, dev, 1)))
     if "kernel_shap" not in skip:
         ks = KernelShap(wrapped)
         mask = torch.arange(length, device=dev)[None, :, None].expand_as(embeds)
-        rows.append(("KernelShap (200 samples)", timed(lambda: ks.attribute(embeds, target=target, feature_mask=mask, n_samples=200), dev, 1)))
+
+        def run():
+            return ks.attribute(embeds, target=target, feature_mask=mask, n_samples=200)
+
+        rows.append(("KernelShap (200 samples)", timed(run, dev, 1)))
     base = dict(rows)["ImplicitAttnGrad"]
     name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
     lines = [
