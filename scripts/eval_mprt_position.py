@@ -1,6 +1,7 @@
 """docs/evaluation.md: why implicit-attention maps survive MPRT (position prior vs learned evidence).
 
-Usage: PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/eval_mprt_position.py rwkv-trigger,griffin-trigger,mamba-trigger implicit_attn_grad,integrated_gradients
+Usage: PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/eval_mprt_position.py \
+    rwkv-trigger,griffin-trigger,mamba-trigger implicit_attn_grad,integrated_gradients
 Same full randomisation as the runner (cascading, seed 0), first 8 test examples.
 """
 import sys, torch
@@ -48,4 +49,5 @@ for name in sys.argv[1].split(","):
         rs = spearman(r1, r1s, valid)
         print(f"{name:16s} {m:28s} MPRT rho {rho.nanmean():+.2f} | rho(orig, position) {p0.nanmean():+.2f} "
               f"| rho(random, position) {p1.nanmean():+.2f} | partial MPRT rho given position "
-              f"{partial(rho, p0, p1).nanmean():+.2f} | randomised: input vs shuffled input {rs.nanmean():+.2f}", flush=True)
+              f"{partial(rho, p0, p1).nanmean():+.2f} | randomised: input vs shuffled input {rs.nanmean():+.2f}",
+              flush=True)

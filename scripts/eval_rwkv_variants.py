@@ -1,11 +1,11 @@
 """docs/evaluation.md: ImplicitAttnGrad layer reductions on a bundled model (RWKV investigation).
 
-Usage: PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/eval_rwkv_variants.py rwkv-trigger current,combined,signed,abs,cur_only 64
+Usage: PYTHONPATH=. HF_HUB_OFFLINE=1 python scripts/eval_rwkv_variants.py \
+    rwkv-trigger current,combined,signed,abs,cur_only 64
 Each variant replaces LayerAttention.aggregate("positive_mean", grad) for the run (dense per layer: small models only).
 """
 import sys, tempfile, time
 
-import torch
 from captum_implicit.cli import zoo_task
 from captum_implicit.eval import evaluate
 from captum_implicit.layers.rwkv import RwkvAttention
@@ -46,7 +46,10 @@ for model in models:
         if "rwkv" not in model:
             LayerAttention.aggregate = make(v) if v != "current" else orig
         t = time.time()
-        r = evaluate([zoo_task(model, n)], {"attn_grad": "implicit_attn_grad"}, tempfile.mkdtemp(), sanity=False, progress=False)
+        r = evaluate([zoo_task(model, n)], {"attn_grad": "implicit_attn_grad"}, tempfile.mkdtemp(), sanity=False,
+                     progress=False)
         m = {row["metric"]: (row["mean"], row["ci95"]) for row in r.summary}
-        print(model, v, "dAF %.3f±%.3f" % m["dAF_logit"], "AUROC %.3f±%.3f" % m.get("gt_auroc", (float('nan'),)*2), "%.0fs" % (time.time() - t), flush=True)
+        auroc = m.get("gt_auroc", (float("nan"),) * 2)
+        print(model, v, "dAF %.3f±%.3f" % m["dAF_logit"], "AUROC %.3f±%.3f" % auroc, "%.0fs" % (time.time() - t),
+              flush=True)
         LayerAttention.aggregate = orig
