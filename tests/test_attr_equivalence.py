@@ -40,8 +40,8 @@ def _score(model, ids, mask, q):
 
 
 def dense_attn_grad_maps(model, layers, score_fn, absolute=False):
-    """Per layer, ``mean_c (A ⊙ ∂f/∂A)⁺`` (or ``mean_c |A ⊙ ∂f/∂A|``) by autograd through a dense ``A`` substituted
-    into the model."""
+    """Per layer, ``mean_c (A ⊙ ∂f/∂A)⁺`` (or ``mean_c |A ⊙ ∂f/∂A|``) by autograd through a dense ``A``
+    substituted into the model."""
     maps = []
     for attn in layers:
         dense = attn.dense().detach().requires_grad_(True)  # (b, C, L, L)

@@ -13,7 +13,8 @@ from captum_implicit.core.capture import Capture
 
 def _model(dtype=torch.float64) -> torch.nn.Module:
     torch.manual_seed(0)
-    return tf.MambaForCausalLM(tf.MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=32)).to(dtype)
+    cfg = tf.MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=32)
+    return tf.MambaForCausalLM(cfg).to(dtype)
 
 
 def _snapshot(model: torch.nn.Module) -> dict:

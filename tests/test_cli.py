@@ -27,7 +27,8 @@ def test_demo_prints_heatmaps_and_writes_a_report(tmp_path, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["demo", "--model", "no-such-model"], "unknown model 'no-such-model'; bundled models: .*mamba-rotten-tomatoes"),
+        (["demo", "--model", "no-such-model"],
+         "unknown model 'no-such-model'; bundled models: .*mamba-rotten-tomatoes"),
         (["demo", "--text", "   "], "empty --text"),
         (["demo", "--text", " ".join(["film"] * 500)], "more than the model's context"),
     ],

@@ -54,7 +54,8 @@ def _as_output(o: torch.Tensor) -> torch.Tensor:
 
 def _recurrence64(q, k, v, g, scale, u=None) -> torch.Tensor:
     """Float64 step-by-step S_t = diag(e^{g_t}) S_{t−1} + k_t v_tᵀ; o_t = scale·q_tᵀ S_t (GLA), or RWKV-6's
-    o_t = scale·q_tᵀ (S_{t−1} + diag(u) k_t v_tᵀ) then S_t = diag(e^{g_t}) S_{t−1} + k_t v_tᵀ. (b, L, H, dv)."""
+    o_t = scale·q_tᵀ (S_{t−1} + diag(u) k_t v_tᵀ) then S_t = diag(e^{g_t}) S_{t−1} + k_t v_tᵀ.
+    (b, L, H, dv)."""
     q, k, v, g = (x.double() for x in (q, k, v, g))
     state = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3], dtype=torch.float64)
     out = []

@@ -316,7 +316,8 @@ def mambalrp_reference(model: MambaForCausalLM, ids: torch.Tensor, target: torch
         length = h.shape[1]
         x, z = mx.in_proj(h).transpose(1, 2).chunk(2, dim=1)
         x = silu_identity(mx.conv1d(x)[..., :length])
-        ts, B, C = torch.split(mx.x_proj(x.transpose(1, 2)), [mx.time_step_rank, mx.ssm_state_size, mx.ssm_state_size], -1)
+        sizes = [mx.time_step_rank, mx.ssm_state_size, mx.ssm_state_size]
+        ts, B, C = torch.split(mx.x_proj(x.transpose(1, 2)), sizes, -1)
         dt = F.softplus(mx.dt_proj(ts)).transpose(1, 2)
         A = -torch.exp(mx.A_log.float())
         dA = torch.exp(A[None, :, None, :] * dt[..., None]).detach()

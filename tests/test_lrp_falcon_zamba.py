@@ -171,8 +171,8 @@ def test_ablation_breaks_conservation(kind, rule):
 
 @pytest.mark.parametrize("exact_casts", [True, False])
 def test_weightless_norm_rule(exact_casts):
-    """The new form, alone: with its scale held, ``x · ∂(Σ y)/∂x`` sums to ``Σ y`` (a diagonal map); with the scale
-    free it does not (an RMS norm is scale-invariant: that sum is then ~ε-sized). In a float64 input the float32
+    """The new form, alone: with its scale held, ``x · ∂(Σ y)/∂x`` sums to ``Σ y`` (a diagonal map); with the
+    scale free it does not (an RMS norm is scale-invariant: that sum is then ~ε-sized). In a float64 input the float32
     round trip is absorbed with ``exact_casts`` (≤ 1e-12) and costs ~1e-7 without."""
     from transformers.models.falcon_mamba.modeling_falcon_mamba import FalconMambaWeightlessRMSNorm
 

@@ -1,7 +1,8 @@
 """LRP (captum_implicit.lrp.fla) on flash-linear-attention's layers: GLA, HGRN2, RetNet, RWKV-6, DeltaNet, GDN.
 
-Each layer sits in a tiny float64 model ``embedding → [fla RMSNorm → layer → residual] × 2 → RMSNorm → head``.
-On CPU fla's Triton pieces are unavailable; the reference (the model without the composite) runs under
+Each layer sits in a tiny float64 model
+``embedding → [fla RMSNorm → layer → residual] × 2 → RMSNorm → head``. On CPU fla's Triton pieces are
+unavailable; the reference (the model without the composite) runs under
 :class:`~captum_implicit.core.capture.Capture`, which routes them to fla's naive references and torch norms
 (``adapters/fla.py``) exactly as the forms compute their values, so the logits must agree bit for bit.
 fla's ``ShortConvolution`` has no CPU route: configurations with short convolutions are checked for

@@ -50,8 +50,8 @@ def _spread_hybrid(model, zero_biases: bool) -> None:
 
 
 def tiny_qwen3_next(seed=0, hidden=8, heads=2, kv_heads=1, k_heads=1, v_heads=2, head_dim=4, kernel=3,
-                    layers=("linear_attention", "full_attention"), experts=0, moe_dim=6, use_bias=False, zero_biases=True,
-                    dtype=torch.float64, **_):
+                    layers=("linear_attention", "full_attention"), experts=0, moe_dim=6, use_bias=False,
+                    zero_biases=True, dtype=torch.float64, **_):
     torch.manual_seed(seed)
     cfg = Qwen3NextConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
                           num_hidden_layers=len(layers), num_attention_heads=heads, num_key_value_heads=kv_heads,

@@ -33,7 +33,8 @@ def tiny_kimi(seed=0, hidden=8, heads=2, head_dim=4, lin_heads=2, kernel=3, kv_r
               layers=("linear_attention", "full_attention"), mlp=("dense", "sparse"), experts=4, groups=1,
               use_bias=False, zero_biases=True, dtype=torch.float64, rope=2, nope=2, moe_inner=6, **_):
     torch.manual_seed(seed)
-    cfg = KimiLinearConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=moe_inner,
+    cfg = KimiLinearConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                           moe_intermediate_size=moe_inner,
                            num_hidden_layers=len(layers), num_attention_heads=heads, num_key_value_heads=heads,
                            kv_lora_rank=kv_rank, q_lora_rank=q_rank, qk_rope_head_dim=rope, qk_nope_head_dim=nope,
                            v_head_dim=head_dim, num_local_experts=experts, num_experts_per_tok=2, n_group=groups,

@@ -251,8 +251,8 @@ def test_gpu_canonized_model(kind):
     spread-weight models amplify rounding a lot: 1e-7 relative noise on Zamba2's first mixer output moves its
     logits by 2e-4 (FalconH1: 2e-7), so 5.17's torch scan alone gives 9e-2 on ``zamba2_adapters`` (CPU, measured).
     Per module that amplification is absent. mamba-ssm's kernels feed float32 operands to ``tl.dot``, TF32 on
-    Hopper unless ``TRITON_F32_DEFAULT=ieee`` (set by tests/conftest.py for GPU runs); L = 40 crosses the 16-token SSD chunk
-    twice."""
+    Hopper unless ``TRITON_F32_DEFAULT=ieee`` (set by tests/conftest.py for GPU runs); L = 40 crosses the 16-token
+    SSD chunk twice."""
     model = build(kind, seed=8, dtype=torch.float32).cuda()
     ids = _ids(2, 40, 8).cuda()
     calls, handles = _record_calls(model)

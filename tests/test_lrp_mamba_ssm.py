@@ -213,7 +213,8 @@ def test_logits_equal_hf_is_sensitive():
 
 # ----------------------------------------------------------------------------- CPU: conservation
 def _variant(model: nn.Module, norm_before_gate: bool, d_has_hdim: bool, rmsnorm: bool, mlp: bool, seed: int):
-    """Switch the stand-in's Mamba2 layers to mamba-ssm options HF does not have (no HF reference: conservation only)."""
+    """Switch the stand-in's Mamba2 layers to mamba-ssm options HF does not have (no HF reference: conservation
+    only)."""
     g = torch.Generator().manual_seed(seed)
     for blk in model.backbone.layers:
         mx = blk.mixer

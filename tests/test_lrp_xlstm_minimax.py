@@ -212,7 +212,8 @@ def test_minimax_canonized_logits_identical(dtype):
 
 
 def test_lightning_blocks_match_a_dense_decay_attention():
-    """HF's block loop (run by the form) is o_t = Σ_{s≤t} (q_t·k_s) e^{−λ_h (t−s)} v_s: known answer, linear in v."""
+    """HF's block loop (run by the form) is o_t = Σ_{s≤t} (q_t·k_s) e^{−λ_h (t−s)} v_s: known answer, linear in
+    v."""
     model = tiny_minimax(seed=0, block=4)
     layer = model.model.layers[0].self_attn
     g = torch.Generator().manual_seed(0)

@@ -82,7 +82,8 @@ def test_hf_mamba_float32_exact(cfg, length, seed):
 
 
 def _falcon(seed):
-    return tf.FalconMambaForCausalLM(tf.FalconMambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=32))
+    cfg = tf.FalconMambaConfig(hidden_size=16, state_size=4, num_hidden_layers=2, vocab_size=32)
+    return tf.FalconMambaForCausalLM(cfg)
 
 
 def _jamba(seed):

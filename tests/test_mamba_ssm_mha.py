@@ -181,7 +181,8 @@ def _mha_forward(self, x, inference_params=None):
     q, kv = qkv.split([self.num_heads * self.head_dim, self.num_heads_kv * 2 * self.head_dim], dim=-1)
     q = rearrange(q, "... (h d) -> ... h d", d=self.head_dim)
     kv = rearrange(kv, "... (two hkv d) -> ... two hkv d", two=2, d=self.head_dim)
-    # (flash_attn's fused rotary + kv-cache path, taken only when continuing with rotary_emb_dim % 16 == 0, is not copied)
+    # (flash_attn's fused rotary + kv-cache path, taken only when continuing with rotary_emb_dim % 16 == 0, is not
+    # copied)
     assert (inference_params is None or inference_params.seqlen_offset == 0 or self.rotary_emb_dim == 0
             or self.rotary_emb_dim % 16 != 0)
     if self.rotary_emb_dim > 0:
@@ -619,7 +620,8 @@ def _real(attn_cfg: dict, layer: str = "Mamba1", seed: int = 0):
 
     ssm_cfg = {"layer": layer, "d_state": 16}
     if layer == "Mamba2":
-        ssm_cfg.update(headdim=32, chunk_size=64, use_mem_eff_path=importlib.util.find_spec("causal_conv1d") is not None)
+        mem_eff = importlib.util.find_spec("causal_conv1d") is not None
+        ssm_cfg.update(headdim=32, chunk_size=64, use_mem_eff_path=mem_eff)
     cfg = MambaConfig(d_model=64, n_layer=3, vocab_size=64, d_intermediate=0, ssm_cfg=ssm_cfg, attn_layer_idx=[1],
                       attn_cfg=dict(attn_cfg), rms_norm=True, residual_in_fp32=True, fused_add_norm=True,
                       pad_vocab_size_multiple=8, tie_embeddings=True)

@@ -265,7 +265,8 @@ def test_continuing_from_a_cached_state_is_refused():
     step = ids[:, -1:]
     with pytest.raises(ci.CaptureError, match="use_cache=False"):
         ci.implicit_attention(
-            model, input_ids=step, position_ids=torch.tensor([[8]]), use_cache=True, cache=DynamicCache(config=model.config)
+            model, input_ids=step, position_ids=torch.tensor([[8]]), use_cache=True,
+            cache=DynamicCache(config=model.config),
         )
 
 

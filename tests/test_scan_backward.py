@@ -23,7 +23,8 @@ def _inputs(dtype: torch.dtype, seed: int) -> dict:
         return torch.randn(*shape, generator=g, dtype=dtype).requires_grad_()
 
     return dict(
-        hidden_states=r(b, d, length), dt=r(b, d, length), A=(-torch.rand(d, n, generator=g, dtype=dtype)).requires_grad_(),
+        hidden_states=r(b, d, length), dt=r(b, d, length),
+        A=(-torch.rand(d, n, generator=g, dtype=dtype)).requires_grad_(),
         B=r(b, n, length), C=r(b, n, length), D=r(d), z=r(b, d, length), delta_bias=r(d),
     )
 
@@ -37,7 +38,9 @@ def test_same_forward_bits_and_gradients(dtype: torch.dtype, last_state: bool) -
         inp = _inputs(dtype, 0)
         out = fn(**inp, delta_softplus=True, return_last_state=last_state)
         outs = out if last_state else (out,)
-        weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=dtype) for i, o in enumerate(outs)]
+        weights = [
+            torch.randn(o.shape, generator=torch.Generator().manual_seed(i), dtype=dtype) for i, o in enumerate(outs)
+        ]
         loss = sum((o * w).sum() for o, w in zip(outs, weights, strict=True))
         grads = torch.autograd.grad(loss, list(inp.values()))
         results.append(([o.detach() for o in outs], grads))

@@ -116,7 +116,8 @@ def test_jamba_one_matrix_per_mixing_layer_in_forward_order(dtype, seed, length,
 def test_qwen3_next_gated_softmax_layer(dtype, seed, length, pad):
     layers, real = _run(_qwen3_next(dtype, seed), seed, length, _pad(dtype, pad))
     assert [a.family for a in layers] == ["gated_deltanet", "softmax", "gated_deltanet"]
-    assert [a.name for a in layers] == [f"model.layers.{i}.{n}" for i, n in enumerate(["linear_attn", "self_attn"] * 2)][:3]
+    names = [f"model.layers.{i}.{n}" for i, n in enumerate(["linear_attn", "self_attn"] * 2)]
+    assert [a.name for a in layers] == names[:3]
     soft = layers[1]
     assert isinstance(soft, SoftmaxAttention) and soft.row_scale is not None  # the σ(gate) of Qwen3-Next
     bound = 1e-10 if dtype == torch.float64 else 1e-4  # eager's probs @ V and the σ(gate) product
