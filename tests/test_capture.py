@@ -8,7 +8,7 @@ import transformers as tf
 from transformers.models.mamba import modeling_mamba
 
 import captum_implicit as ci
-from captum_implicit.core.capture import Capture
+from captum_implicit.core.capture import Capture, torch_fallback_of
 
 
 def _model(dtype=torch.float64) -> torch.nn.Module:
@@ -181,3 +181,29 @@ def test_user_registered_layer_class_is_captured():
         assert torch.allclose(la.output(), model(x))
     finally:
         ci.unregister_adapter(adapter)
+
+
+def _hub_wrapper(torch_function, implementation):
+    """The closure transformers' hub-kernel wrappers leave (``use_kernel_func_from_hub_with_fallback``)."""
+
+    def wrapped(*args, **kwargs):
+        return implementation(*args, **kwargs) if implementation is not None else torch_function(*args, **kwargs)
+
+    return wrapped
+
+
+def test_torch_fallback_found_through_nested_kernel_wrappers():
+    """A kernel wrapper around another (transformers binding fla, then a second layer of wrapping) unwraps to the
+    innermost torch function, not to the inner wrapper, which would still call the GPU kernel on CPU tensors."""
+
+    def torch_function(x):
+        return x + 1
+
+    def gpu_kernel(x):
+        raise RuntimeError("0 active drivers ([]). There should only be one.")
+
+    once = _hub_wrapper(torch_function, gpu_kernel)
+    twice = _hub_wrapper(once, gpu_kernel)
+    assert torch_fallback_of(once) is torch_function
+    assert torch_fallback_of(twice) is torch_function
+    assert torch_fallback_of(torch_function) is None

@@ -76,14 +76,16 @@ def torch_fallback_of(fn: Callable) -> Callable | None:
     """The pure-torch implementation behind a transformers kernel wrapper, if ``fn`` is one.
 
     transformers (5.15+) binds optional CUDA packages at import time with no device
-    check; the wrapper keeps ``torch_function`` in its closure.
+    check; the wrapper keeps ``torch_function`` in its closure. Wrappers of wrappers are
+    unwrapped to the innermost torch function.
     """
     code = getattr(fn, "__code__", None)
     if code is None or fn.__closure__ is None:
         return None
     cells = dict(zip(code.co_freevars, fn.__closure__, strict=False))
     if "torch_function" in cells and "implementation" in cells:
-        return cells["torch_function"].cell_contents
+        inner = cells["torch_function"].cell_contents
+        return torch_fallback_of(inner) or inner
     wrapped = getattr(fn, "__wrapped__", None)
     return torch_fallback_of(wrapped) if wrapped is not None and wrapped is not fn else None
 
