@@ -18,7 +18,6 @@ not counted), against the measured float32 (IEEE) and TF32 matmul rates of the s
 from __future__ import annotations
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -66,19 +65,12 @@ def capture_layer(d_model: int, length: int):
 
 
 def kernel_flops(la, block: int) -> float:
-    """FLOPs of the kernel's rank-N products for ``Ā``: ``2·B²·N`` per channel and tile, ×K next to the diagonal;
-    with WIDE_FAR_BLOCK the far tiles at that size (the same products, fewer tiles)."""
+    """FLOPs of the kernel's rank-N products for ``Ā``: ``2·B²·N`` per channel and tile of size ``B``, ×K next to
+    the diagonal, over the tiles of the kernel's own launch plan (WIDE_FAR_BLOCK included)."""
     n_pad = max(16, 1 << (la.rate.shape[-1] - 1).bit_length())
     taps = la.conv_weight.shape[-1] if la.conv_weight is not None else 1
-    tiles = ssm_triton._tiles(math.ceil(la.seq_len / block), False, torch.device("cpu"))
-    products = 0.0
-    wide = ssm_triton.WIDE_FAR_BLOCK
-    if wide is not None and block < wide and wide % block == 0:
-        wide_tiles = ssm_triton._tiles(math.ceil(la.seq_len / wide), False, torch.device("cpu"))
-        products += int(ssm_triton._far(wide_tiles, wide, taps).sum()) * wide * wide
-        tiles = tiles[~ssm_triton._far(torch.div(tiles, wide // block, rounding_mode="floor"), wide, taps)]
-    far = int(ssm_triton._far(tiles, block, taps).sum())
-    products += (far + taps * (len(tiles) - far)) * block * block
+    plan = ssm_triton._launch_plan(la.seq_len, block, taps, False, True, torch.device("cpu"))
+    products = sum(len(tiles) * size * size * (1 if kind == 1 else taps) for kind, tiles, size in plan)
     return la.batch_size * la.num_channels * 2 * n_pad * products
 
 

@@ -615,6 +615,28 @@ def _far(tiles: Tensor, block: int, taps: int) -> Tensor:
     return tiles[:, 1] * block + block - 1 + taps - 1 <= tiles[:, 0] * block - 1
 
 
+def _launch_plan(
+    length: int, block: int, taps: int, dense: bool, separate_far: bool, device: torch.device
+) -> list[tuple[int, Tensor, int]]:
+    """The launches of one call: ``(TILES, tiles (n, 2) int32, their block size)``, each output tile in exactly
+    one. Far tiles at :data:`WIDE_FAR_BLOCK` where it applies; with ``separate_far`` far tiles (TILES 1) apart from
+    the others (TILES 2), else one launch (TILES 0); ``dense`` adds the tiles above the diagonal (zeros)."""
+    tiles = _tiles(math.ceil(length / block), dense, device)
+    launches = []
+    wide = WIDE_FAR_BLOCK
+    if wide is not None and block < wide and wide % block == 0:
+        wide_tiles = _tiles(math.ceil(length / wide), False, device)
+        launches.append((1, wide_tiles[_far(wide_tiles, wide, taps)].contiguous(), wide))
+        # the small tiles inside a far wide tile are its launch's
+        tiles = tiles[~_far(torch.div(tiles, wide // block, rounding_mode="floor"), wide, taps)]
+    if separate_far:  # far: the columns and their conv halo end before the row block (as in the kernel)
+        far = _far(tiles, block, taps)
+        launches += [(kind, part.contiguous(), block) for kind, part in ((1, tiles[far]), (2, tiles[~far]))]
+    else:
+        launches.append((0, tiles, block))
+    return [launch for launch in launches if len(launch[1])]
+
+
 def _tiles(num_blocks: int, upper: bool, device: torch.device) -> Tensor:
     idx = torch.arange(num_blocks, device=device)
     bi, bj = torch.meshgrid(idx, idx, indexing="ij")
@@ -662,13 +684,13 @@ def ssm_kernel(
     taps = 1 if conv_weight is None else conv_weight.shape[-1]
     # the pivoted form of the tiles next to the diagonal needs an exponent bound; where it fails they take one
     # exponential per entry and state (exact, slower); tiles further left never need it
-    block, near_form, exact_blocks = _near_forms(cum.to(torch.float64), rate, taps, length)
+    cum = cum.to(torch.float64).contiguous()
+    block, near_form, exact_blocks = _near_forms(cum, rate, taps, length)
     f32 = torch.float32
 
     def prep(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.to(f32).contiguous()
 
-    cum = cum.to(torch.float64).contiguous()
     weight = prep(conv_weight) if conv_weight is not None else torch.ones(nch, 1, dtype=f32, device=device)
     rate, read, write, ws = prep(rate), prep(read), prep(write), prep(write_scale)
     skip, lsc, rsc, col = prep(skip), prep(row_scale), prep(col_values), prep(col_scale)
@@ -677,21 +699,8 @@ def ssm_kernel(
     n_pad = max(16, triton.next_power_of_2(nstate))
     num_blocks = math.ceil(length / block)
     dense = mode == "dense"
-    tiles = _tiles(num_blocks, dense, device)
-    launches = []  # (TILES, tiles, their block size), each tile of the output in exactly one launch
-    wide = WIDE_FAR_BLOCK
-    if wide is not None and block < wide and wide % block == 0:
-        wide_tiles = _tiles(math.ceil(length / wide), False, device)
-        launches.append((1, wide_tiles[_far(wide_tiles, wide, taps)].contiguous(), wide))
-        # the small tiles inside a far wide tile are its launch's
-        tiles = tiles[~_far(torch.div(tiles, wide // block, rounding_mode="floor"), wide, taps)]
     separate_far = (not dense) if SEPARATE_FAR is None else SEPARATE_FAR
-    if separate_far:  # far: the columns and their conv halo end before the row block (as in the kernel)
-        far = _far(tiles, block, taps)
-        launches += [(kind, part.contiguous(), block) for kind, part in ((1, tiles[far]), (2, tiles[~far]))]
-    else:
-        launches.append((0, tiles, block))
-    launches = [launch for launch in launches if len(launch[1])]
+    launches = _launch_plan(length, block, taps, dense, separate_far, device)
     if FAR_PRODUCT not in FAR_CODES or FAR_UNROLL not in (1, 2):
         raise ValueError(f"FAR_PRODUCT={FAR_PRODUCT!r}, FAR_UNROLL={FAR_UNROLL!r}: unknown far-tile variant")
     fused = FAR_PRODUCT == "fused"
