@@ -90,11 +90,11 @@ def _functions(model: str) -> tuple[str, ...]:
 _FLA_GDN = "fla's chunk_gated_delta_rule (bound by transformers when fla imports), "
 #: per model: what the GPU tests compared against (adapters/_gpu_runs.py)
 _GPU = {
-    "qwen3_next": _FLA_GDN + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_gated_deltanet.py)",
-    "olmo_hybrid": _FLA_GDN + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_gated_deltanet.py)",
-    "qwen3_5_moe": _FLA_GDN + HF_VARIANTS,
-    "qwen4_exp": _FLA_GDN + HF_VARIANTS,
-    "qwen3_5": _FLA_GDN + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_gated_deltanet.py)",
+    **dict.fromkeys(
+        ["qwen3_next", "olmo_hybrid", "qwen3_5"],
+        _FLA_GDN + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_gated_deltanet.py)",
+    ),
+    **dict.fromkeys(["qwen3_5_moe", "qwen4_exp"], _FLA_GDN + HF_VARIANTS),
     "lara_mini": f"{_FLA_GDN}{ONLY_5_24}, {HF_VARIANTS}",
 }
 

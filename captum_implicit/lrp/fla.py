@@ -400,8 +400,8 @@ def gated_deltanet_lrp(module: nn.Module, rules: GatedLinearRules, hidden_states
         q, k, v = F.silu(module.q_proj(x)), F.silu(module.k_proj(x)), act(F.silu, module.v_proj(x), rules)
     q, k = _heads(q, module.head_k_dim), _heads(k, module.head_k_dim)
     v = _heads(v, module.head_v_dim)
-    # the kernel's in-kernel transforms (gate −exp(A_log)·softplus(a + dt_bias), σ(β), ×2), as the capture reads
-    # them
+    # the kernel's in-kernel transforms (gate −exp(A_log)·softplus(a + dt_bias), σ(β), ×2), as the capture
+    # reads them
     q, k, v, g, beta = fla_torch.gdn_kernel_inputs({
         "q": q, "k": k, "v": v, "g": module.a_proj(x), "beta": module.b_proj(x), "use_gate_in_kernel": True,
         "A_log": module.A_log, "dt_bias": module.dt_bias, "use_beta_sigmoid_in_kernel": True,

@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .canonizers import GatedLinearRules, LRPError, LRPForm, register_lrp_form
-from .common import act, half_rule, hold
+from .canonizers import GatedLinearRules, LRPForm, register_lrp_form
+from .common import act, continuation_refused, half_rule, hold
 
 _HF = "transformers.models.rwkv.modeling_rwkv"
 
@@ -34,10 +34,7 @@ def _check_fresh(module: nn.Module, state: list[Tensor] | None, slots: tuple[int
         return
     lid = module.layer_id
     if any(bool(state[i][:, :, lid].any()) for i in slots):
-        raise LRPError(
-            f"{type(module).__name__} layer {lid}: the LRP form explains a whole sequence from an empty state; this "
-            "call continues from a cached state. Run the full sequence in one forward (use_cache=False)."
-        )
+        raise continuation_refused(f"{type(module).__name__} layer {lid}")
 
 
 def _mix(module: nn.Module, hidden: Tensor, state: list[Tensor] | None, slot: int) -> Tensor:
