@@ -40,13 +40,13 @@ VARIANTS = [SHIPPED] + [{**SHIPPED, **change} for change in [
     dict(FORCE_NEAR_EXACT=True),
     dict(FACTOR_ROWS=32),
     dict(FACTOR_ROWS=128),
-    # far tiles in their own launch, compiled without the near-tile code: 128 registers instead of 255 (sm_90,
-    # Triton 3.8), so 4 programs per SM instead of 2 to hide the latency of the dependent products
     # the launch of the tiles next to the diagonal (few programs, each long) on a side stream, concurrent with
-    # the far launch (session 6 candidate: the split launches of session 5 serialised them)
+    # the far launch (session 6: no gain beyond noise)
     dict(OVERLAP_NEAR=True),
     dict(OVERLAP_NEAR=True, FAR_UNROLL=2),
-    dict(SEPARATE_FAR=False),  # one launch for the reductions too (the default until session 5)
+    # far tiles in their own launch (the shipped default for the reductions), compiled without the near-tile code:
+    # fewer registers, more programs per SM; one launch for all tiles was the default until session 5
+    dict(SEPARATE_FAR=False),
     dict(SEPARATE_FAR=True, FAR_PRODUCT="fused"),
     # the far-tile loop looks latency-bound (three dependent K=N products per channel): one product of
     # contraction 4N, and/or two channels per iteration (two independent chains to overlap)
