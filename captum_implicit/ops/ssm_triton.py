@@ -555,22 +555,21 @@ def _chunk_factors(
     """The kernel's factor arguments for the channels ``ch``, pivoted at ``block``: ``(q, k, kh, kl, kf)`` with
     placeholders for what :data:`FAR_PRODUCT` does not read. ``inputs``: as prepared by :func:`ssm_kernel`."""
     split = FAR_PRODUCT != "register"  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared), rest
-    dummy = inputs["cum"].new_zeros(1, dtype=torch.float32)
     if FACTOR_KERNEL:
         q, k, kh, kl = _kernel_factors(ch, block, n_pad, split, head_of=head_of, **inputs)
     else:
         q, k = _factors(ch, block, n_pad, head_of=head_of.long(), **inputs)
-        kh = kl = dummy
+        kh = kl = q[:0]
         if split:
             kt = k.transpose(-1, -2).contiguous()
             kh = (kt.view(torch.int32) & -8192).view(torch.float32)
             kl = kt - kh
             del kt
-    kf = dummy
+    kf = q[:0]  # placeholders (what the kernel does not read) are empty views of q, as in _kernel_factors
     if fused:  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
         bsz, count, _, length = kh.shape
         kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
-        kh = kl = dummy
+        kh = kl = q[:0]
     return q, k, kh, kl, kf
 
 
