@@ -310,9 +310,10 @@ def test_gpu_canonized_model(family):
     """On CUDA transformers may call fused kernels (mamba-ssm's Triton scan, RWKV's WKV kernel); the LRP forms run
     the torch paths, so logits agree to float32 rounding and relevance conserves to float32 rounding."""
     # Mamba2: HF hands causal-conv1d (where installed) a channel-last view of in_proj's output, which it takes only
-    # when in_proj's width, 2·intermediate + 2·groups·state + heads, is a multiple of 8 (the real model raises
-    # otherwise: 44 at the default state 4, H200, session 6); state 6 makes it 48
-    extra = {"state": 6} if family == "mamba2" else {}
+    # when in_proj's width, 2·intermediate + 2·groups·state + heads, and the conv's channels, intermediate +
+    # 2·groups·state, are multiples of 8 (the real model raises otherwise, H200: in_proj 44 at the default head dim 4
+    # and state 4, session 6; conv 28 at state 6, session 7); 8 heads of 2 and state 4 make them 48 and 24
+    extra = {"state": 4, "head_dim": 2} if family == "mamba2" else {}
     model = BUILD[family](seed=8, hidden=8, dtype=torch.float32, **extra).cuda()
     norms = [m for m in model.modules() if type(m).__name__ == "MambaRMSNormGated"]
     if any(not hasattr(m, "group_size") for m in norms):
