@@ -194,9 +194,9 @@ def test_kernel_matches_reference_on_gpu(case):
 @requires_cuda
 @pytest.mark.parametrize("length", [150, 600])
 def test_kernel_mixes_the_near_tile_forms_on_gpu(length, monkeypatch):
-    """One (batch row, channel, row block) too fast for the pivoted form: with MIXED_NEAR_FORMS that tile pair
-    takes the per-entry form, the rest keep the pivoted one, in one launch (the flag table); equal to the reference.
-    Once this has passed on the GPU, MIXED_NEAR_FORMS can become the default."""
+    """One (batch row, channel, row block) too fast for the pivoted form: with MIXED_NEAR_FORMS (the default since
+    this passed on the GPU, session 7) that tile pair takes the per-entry form, the rest keep the pivoted one, in one
+    launch (the flag table); equal to the reference."""
     from captum_implicit.ops import ssm_triton
 
     monkeypatch.setattr(ssm_triton, "MIXED_NEAR_FORMS", True)
@@ -208,19 +208,44 @@ def test_kernel_mixes_the_near_tile_forms_on_gpu(length, monkeypatch):
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("block", [32, 16])
-def test_wide_far_tiles_on_gpu(block, monkeypatch):
-    """WIDE_FAR_BLOCK=64 with near tiles that need 32 or 16: the far tiles in 64-tiles, the rest in the small ones;
-    against the shipped kernel and the reference, in one channel chunk and in two."""
+@pytest.mark.parametrize("wide", [128, 64])
+def test_wide_far_tiles_on_gpu(wide, block, monkeypatch):
+    """WIDE_FAR_BLOCK (128 by default) with near tiles that need 32 or 16: the reductions' far tiles in wide tiles,
+    the rest in the small ones; against the kernel without wide tiles and the reference, in one channel chunk and
+    in two."""
     from captum_implicit.ops import ssm_triton
 
-    attn = wide_far_case("cuda", 300, block, channels=3)
+    length = 400  # far 128-tiles: rows from 256 on
+    attn = wide_far_case("cuda", length, block, channels=3)
     with blockwise(triton=False):
         ref = kernel_outputs(attn)
+    monkeypatch.setattr(ssm_triton, "WIDE_FAR_BLOCK", None)
     shipped = kernel_outputs(attn)
-    monkeypatch.setattr(ssm_triton, "WIDE_FAR_BLOCK", 64)
-    for elements in (1 << 28, 2 * attn.batch_size * 300 * 16):
+    monkeypatch.setattr(ssm_triton, "WIDE_FAR_BLOCK", wide)
+    assert wide in {size for _, _, size in ssm_triton._launch_plan(length, block, 4, False, True, attn.device)}
+    for elements in (1 << 28, 2 * attn.batch_size * length * 16):
         monkeypatch.setattr(ssm_triton, "FACTOR_ELEMENTS", elements)
         compare_variant(kernel_outputs(attn), shipped, ref, exact=False)
+
+
+#: one TF32 product per tile (``precision="tf32"``): operands keep 10 mantissa bits. Triton's interpreter with
+#: truncated operands (emulate_tf32_in_interpreter): up to 7.2e-4 relative on these 2–3-channel layers
+TF32_BOUND = 2e-3
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("case", ["conv-skip-gate", "state16-long"])
+def test_tf32_precision_on_gpu(case):
+    """``blockwise(precision="tf32")``: within TF32's accuracy of the reference, and not the float32 kernel."""
+    attn = random_mamba_attention("cuda", **CASES[case])
+    with blockwise(triton=False):
+        ref = kernel_outputs(attn)
+    with blockwise(precision="tf32"):
+        got = kernel_outputs(attn)
+    for key in ref:
+        assert rel_err(got[key], ref[key]) <= TF32_BOUND, (key, rel_err(got[key], ref[key]))
+    assert rel_err(got["dense"], ref["dense"]) > 1e-6  # the switch took effect
 
 
 @pytest.mark.gpu
@@ -294,6 +319,8 @@ def test_far_tile_variants_on_gpu(case, variant, monkeypatch):
     for key, value in variant.items():
         monkeypatch.setattr(ssm_triton, key, value)
     fused = variant.get("FAR_PRODUCT") == "fused"
+    if fused and variant.get("FAR_UNROLL") == 2:  # two fused products of a 128-tile need 377 KB of shared memory
+        monkeypatch.setattr(ssm_triton, "WIDE_FAR_BLOCK", 64)  # (H200: 227 KB), so this sweep variant takes 64
     per_channel = attn.batch_size * attn.seq_len * 16 * (4 if fused else 1)  # n_pad = 16
     # as shipped (reductions: one channel per program, dense: 3, a pair and the odd one); then one program per
     # tile for the reductions too; then also 2 channels in a first launch, the third alone in a second
@@ -346,6 +373,40 @@ def wide_far_case(device: str, length: int, block: int, **kw):
     raise AssertionError(f"no rate scale makes the near tiles take block {block}")
 
 
+def test_precision_switch():
+    """``blockwise(precision="tf32")`` picks the one-TF32-product variant for its block only; unknown names raise."""
+    from captum_implicit.ops import ssm_triton
+
+    default = ssm_triton._products()
+    assert default == (ssm_triton.PRODUCT, ssm_triton.FAR_PRODUCT) == ("tf32x3", "split")
+    with blockwise(precision="tf32"):
+        assert ssm_triton._products() == ("tf32", "register")
+    assert ssm_triton._products() == default
+    with pytest.raises(ValueError, match="precision='fp16'"):
+        with blockwise(precision="fp16"):
+            pass
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_launch_plan_covers_each_tile_once(dense):
+    """Every output tile in exactly one launch, far tiles of the reductions at WIDE_FAR_BLOCK over near tiles at 16
+    (an uneven length, conv halo of 3); dense() keeps one block size (it is bound by writing its output)."""
+    from captum_implicit.ops import ssm_triton
+
+    length, block, taps = 300, 16, 4
+    plan = ssm_triton._launch_plan(length, block, taps, dense, True, torch.device("cpu"))
+    covered = torch.zeros(length, length, dtype=torch.int32)
+    for _, tiles, size in plan:
+        for row, col in tiles.tolist():
+            covered[row * size:(row + 1) * size, col * size:(col + 1) * size] += 1
+    position = torch.arange(length)
+    # dense writes every tile (zeros above the diagonal); the reductions walk the block-lower triangle
+    wanted = torch.ones_like(covered) if dense else (position[None, :] // block <= position[:, None] // block).int()
+    assert torch.equal(covered, wanted)
+    sizes = {size for _, _, size in plan}
+    assert sizes == ({block} if dense else {block, ssm_triton.WIDE_FAR_BLOCK})
+
+
 def _interpreter_case():
     """Emulated TF32, 16-token tiles (far tiles exist), 3 channels, and the kernel module."""
     from captum_implicit.ops import ssm_triton
@@ -369,9 +430,14 @@ def interpreter_checks() -> None:
     with blockwise(triton=False):
         ref_dense = attn.dense()
     ssm_triton.FAR_PRODUCT, ssm_triton.PRODUCT = "register", "tf32"
-    assert rel_err(attn.dense(), ref_dense) > 1e-4
+    one_tf32 = attn.dense()
+    assert rel_err(one_tf32, ref_dense) > 1e-4
     ssm_triton.PRODUCT = "tf32x3"
     compare_with_reference(attn)
+    ssm_triton.FAR_PRODUCT = "split"
+    with blockwise(precision="tf32"):  # the user's switch to that variant
+        assert torch.equal(attn.dense(), one_tf32)
+    ssm_triton.FAR_PRODUCT = "register"
     ssm_triton.FAR_PRODUCT = "split"
     ssm_triton.FACTOR_ELEMENTS = 40 * 16  # one channel per launch
     compare_with_reference(attn)
@@ -379,11 +445,12 @@ def interpreter_checks() -> None:
     assert ssm_triton._near_forms(huge.cum, huge.rate, 4, 40)[1] == 1  # the per-entry form everywhere
     compare_with_reference(huge)
     mixed = spiky_attention("cpu", length=40, block=16)
-    assert ssm_triton._near_forms(mixed.cum, mixed.rate, 4, 40)[1] == 1  # opt-in: the per-entry form everywhere
-    compare_with_reference(mixed)
-    ssm_triton.MIXED_NEAR_FORMS = True
     assert ssm_triton._near_forms(mixed.cum, mixed.rate, 4, 40)[1] == 2  # per row, channel and row block
     compare_with_reference(mixed)
+    ssm_triton.MIXED_NEAR_FORMS = False
+    assert ssm_triton._near_forms(mixed.cum, mixed.rate, 4, 40)[1] == 1  # the per-entry form everywhere
+    compare_with_reference(mixed)
+    ssm_triton.MIXED_NEAR_FORMS = True
 
 
 def interpreter_variant_checks() -> None:
@@ -409,12 +476,13 @@ def interpreter_variant_checks() -> None:
     wide = wide_far_case("cpu", 100, 16, channels=3, state=3, batch=1)
     with blockwise(triton=False):
         ref = kernel_outputs(wide)
+    default_wide, ssm_triton.WIDE_FAR_BLOCK = ssm_triton.WIDE_FAR_BLOCK, None
     shipped = kernel_outputs(wide)
     ssm_triton.WIDE_FAR_BLOCK = 32
     for elements in (1 << 28, 2 * 100 * 16):
         ssm_triton.FACTOR_ELEMENTS = elements
         compare_variant(kernel_outputs(wide), shipped, ref, exact=False)
-    ssm_triton.WIDE_FAR_BLOCK, ssm_triton.FACTOR_ELEMENTS = None, 1 << 28
+    ssm_triton.WIDE_FAR_BLOCK, ssm_triton.FACTOR_ELEMENTS = default_wide, 1 << 28
     # decays too fast for the pivoted near tiles: the per-entry form in the launch of the other tiles
     # (slow in the interpreter: dense and Ā only)
     huge = random_mamba_attention("cpu", channels=2, length=40, state=3, batch=1, rate_scale=1e4)

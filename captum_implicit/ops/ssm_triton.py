@@ -23,15 +23,15 @@ position of ``s``'s block), joined by ``e^{a_n (cum_p − cum_q)} ≤ 1``. The t
 (the diagonal, and its left neighbour whose conv halo reaches it) are masked per tap, ``s + j ≤ t``; they
 use the row block's pivot when ``max |a| · (cum-span of a block and its halo)`` stays below
 :data:`MAX_EXPONENT` (float32 overflows at 88.7), and otherwise one exponential per entry and state
-(``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound — in the whole layer, or (opt-in,
-:data:`MIXED_NEAR_FORMS`) only in the row blocks that fail the bound, so that a Δ spike costs only its own block
-(:func:`_near_forms`). Differences of cumulative sums are
+(``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound — only in the row blocks that fail the
+bound, so that a Δ spike costs only its own block (:data:`MIXED_NEAR_FORMS`, :func:`_near_forms`). The reductions'
+far tiles may be larger than the near ones (:data:`WIDE_FAR_BLOCK`). Differences of cumulative sums are
 taken in float64, the rest in float32 (``tl.dot`` as three TF32 products that recover float32 accuracy, see
 :data:`PRODUCT`), accumulation in float32.
 
 The far-tile loop has opt-in variants for ``benchmarks/sweep_kernel.py`` (:data:`FAR_PRODUCT` ``"fused"``,
-:data:`FAR_UNROLL`, :data:`SEPARATE_FAR`, :data:`OVERLAP_NEAR`); ``benchmarks/kernel_resources.py`` shows their
-registers, spills and shared memory on sm_90 without a GPU.
+:data:`FAR_UNROLL`, :data:`SEPARATE_FAR`, :data:`OVERLAP_NEAR`, :data:`WIDE_FAR_WARPS`);
+``benchmarks/kernel_resources.py`` shows their registers, spills and shared memory on sm_90 without a GPU.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ import math
 
 import torch
 from torch import Tensor
+
+from ..config import config
 
 try:  # triton comes with CUDA builds of torch; the package works without it
     import triton
@@ -79,15 +81,20 @@ DENSE_CHANNELS = 16
 #: always use the per-entry form next to the diagonal (tests)
 FORCE_NEAR_EXACT = False
 #: where the pivoted form's bound fails somewhere, take the per-entry form only in the row blocks that fail it (per
-#: batch row and channel) instead of in the whole layer. Opt-in until its GPU test has run
-#: (tests/test_ssm_triton.py::test_kernel_mixes_the_near_tile_forms_on_gpu; checked in Triton's interpreter)
-MIXED_NEAR_FORMS = False
-#: far tiles at this block size when the tiles next to the diagonal need a smaller one (their pivoted form's bound
-#: fails at BLOCK; far tiles need no bound): fewer, larger tile products over the bulk of the matrix, at the cost of a
-#: second factor set. ``None``: every tile at the near tiles' block. Opt-in until timed (benchmarks/sweep_kernel.py):
-#: layers whose Δ spikes fail the bound at 64 (the random-init mamba-ssm layer of the benchmarks, and so every
-#: session-3-to-6 timing) run all their tiles at 32
-WIDE_FAR_BLOCK: int | None = None
+#: batch row and channel) instead of in the whole layer (False: one channel's Δ spike sends the whole layer to the
+#: slower form). H200, session 7: ``dense()`` of HF's random-init 130m-sized layer at L = 1024 0.0160 s instead of
+#: 0.0220 s (benchmarks/bench_matrix.py)
+MIXED_NEAR_FORMS = True
+#: the reductions' far tiles at this block size when the tiles next to the diagonal need a smaller one (their
+#: pivoted form's bound fails at BLOCK; far tiles need no bound): fewer, larger tile products over the bulk of the
+#: matrix, at the cost of a second factor set (peak memory of Ā about twice). ``None``: every tile at the near tiles'
+#: block. Not for ``dense()``, which is bound by writing its output. H200, session 7, the 130m layer whose near
+#: tiles need 32 (benchmarks/sweep_kernel.py): Ā at L = 4096 0.0237 s at 128 (8 warps), 0.0283-0.0297 s at 64,
+#: 0.0306-0.0309 s without; dense at L = 1024 0.0054 s without, 0.0063 s at 64
+WIDE_FAR_BLOCK: int | None = 128
+#: warps of the launch of the wide far tiles (``None``: :data:`NUM_WARPS`): a 128-tile's accumulator and product
+#: take 248 registers a thread at 8 warps; at 4 they spill 744 B a thread (sm_90), Ā 0.0263 s instead of 0.0237 s
+WIDE_FAR_WARPS: int | None = 8
 #: elements of one precomputed factor tensor per launch (channels are processed in chunks of this size)
 FACTOR_ELEMENTS = 1 << 28
 #: build the factors with :func:`_factor_kernel` (False: the torch reference :func:`_factors`, which makes a dozen
@@ -550,11 +557,12 @@ def _kernel_factors(
 
 
 def _chunk_factors(
-    ch: slice, block: int, n_pad: int, fused: bool, head_of: Tensor, inputs: dict
+    ch: slice, block: int, n_pad: int, far_product: str, head_of: Tensor, inputs: dict
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The kernel's factor arguments for the channels ``ch``, pivoted at ``block``: ``(q, k, kh, kl, kf)`` with
-    placeholders for what :data:`FAR_PRODUCT` does not read. ``inputs``: as prepared by :func:`ssm_kernel`."""
-    split = FAR_PRODUCT != "register"  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared), rest
+    placeholders for what ``far_product`` (see :data:`FAR_PRODUCT`) does not read. ``inputs``: as prepared by
+    :func:`ssm_kernel`."""
+    split = far_product != "register"  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared), rest
     if FACTOR_KERNEL:
         q, k, kh, kl = _kernel_factors(ch, block, n_pad, split, head_of=head_of, **inputs)
     else:
@@ -566,7 +574,7 @@ def _chunk_factors(
             kl = kt - kh
             del kt
     kf = q[:0]  # placeholders (what the kernel does not read) are empty views of q, as in _kernel_factors
-    if fused:  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
+    if far_product == "fused":  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
         bsz, count, _, length = kh.shape
         kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
         kh = kl = q[:0]
@@ -618,12 +626,13 @@ def _launch_plan(
     length: int, block: int, taps: int, dense: bool, separate_far: bool, device: torch.device
 ) -> list[tuple[int, Tensor, int]]:
     """The launches of one call: ``(TILES, tiles (n, 2) int32, their block size)``, each output tile in exactly
-    one. Far tiles at :data:`WIDE_FAR_BLOCK` where it applies; with ``separate_far`` far tiles (TILES 1) apart from
-    the others (TILES 2), else one launch (TILES 0); ``dense`` adds the tiles above the diagonal (zeros)."""
+    one. The reductions' far tiles at :data:`WIDE_FAR_BLOCK` where it applies; with ``separate_far`` far tiles
+    (TILES 1) apart from the others (TILES 2), else one launch (TILES 0); ``dense`` adds the tiles above the
+    diagonal (zeros)."""
     tiles = _tiles(math.ceil(length / block), dense, device)
     launches = []
     wide = WIDE_FAR_BLOCK
-    if wide is not None and block < wide and wide % block == 0:
+    if wide is not None and not dense and block < wide and wide % block == 0:
         wide_tiles = _tiles(math.ceil(length / wide), False, device)
         launches.append((1, wide_tiles[_far(wide_tiles, wide, taps)].contiguous(), wide))
         # the small tiles inside a far wide tile are its launch's
@@ -634,6 +643,14 @@ def _launch_plan(
     else:
         launches.append((0, tiles, block))
     return [launch for launch in launches if len(launch[1])]
+
+
+def _products() -> tuple[str, str]:
+    """``(PRODUCT, FAR_PRODUCT)`` for this call: the module's, or one TF32 product per tile where the user chose
+    ``precision="tf32"`` (:func:`captum_implicit.config.blockwise`)."""
+    if config.precision == "tf32":
+        return "tf32", "register"
+    return PRODUCT, FAR_PRODUCT
 
 
 def _tiles(num_blocks: int, upper: bool, device: torch.device) -> Tensor:
@@ -700,9 +717,10 @@ def ssm_kernel(
     dense = mode == "dense"
     separate_far = (not dense) if SEPARATE_FAR is None else SEPARATE_FAR
     launches = _launch_plan(length, block, taps, dense, separate_far, device)
-    if FAR_PRODUCT not in FAR_CODES or FAR_UNROLL not in (1, 2):
-        raise ValueError(f"FAR_PRODUCT={FAR_PRODUCT!r}, FAR_UNROLL={FAR_UNROLL!r}: unknown far-tile variant")
-    fused = FAR_PRODUCT == "fused"
+    product, far_product = _products()
+    if far_product not in FAR_CODES or FAR_UNROLL not in (1, 2):
+        raise ValueError(f"FAR_PRODUCT={far_product!r}, FAR_UNROLL={FAR_UNROLL!r}: unknown far-tile variant")
+    fused = far_product == "fused"
     # channels per launch: the precomputed factors are (b, c, L, n_pad) float32 tensors, the fused right
     # factor 4x that: no one tensor exceeds FACTOR_ELEMENTS
     chunk = max(1, min(nch, FACTOR_ELEMENTS // (bsz * length * n_pad * (4 if fused else 1))))
@@ -721,7 +739,8 @@ def ssm_kernel(
         count = ch.stop - ch.start
         inputs = dict(cum=cum, rate=rate, read=read, write=write, ws=ws, lsc=lsc, col=col, rsc=rsc, weight=weight)
         # (q, k, kh, kl, kf) per block size in use, pivoted at that size
-        factors = {blk: _chunk_factors(ch, blk, n_pad, fused, head_of, inputs) for blk in {b for _, _, b in launches}}
+        factors = {blk: _chunk_factors(ch, blk, n_pad, far_product, head_of, inputs)
+                   for blk in {b for _, _, b in launches}}
         side, order = None, launches
         if OVERLAP_NEAR and len(launches) > 1 and device.type == "cuda":
             side = torch.cuda.Stream(device)
@@ -741,9 +760,10 @@ def ssm_kernel(
                     out.stride(0), out.stride(1), out.stride(2),
                     N_P=n_pad, K=taps, BT=blk, BS=blk, MODE=MODES[mode],
                     HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
-                    HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=PRODUCT,
-                    NEAR_EXACT=near_form, FAR=FAR_CODES[FAR_PRODUCT], UNROLL=FAR_UNROLL,
-                    TILES=kind, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                    HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=product,
+                    NEAR_EXACT=near_form, FAR=FAR_CODES[far_product], UNROLL=FAR_UNROLL,
+                    TILES=kind, num_warps=(WIDE_FAR_WARPS or NUM_WARPS) if blk > block else NUM_WARPS,
+                    num_stages=NUM_STAGES,
                 )
         if side is not None:
             # later work (the next chunk, the group sum, freeing the factors) waits for the side stream too
