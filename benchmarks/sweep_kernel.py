@@ -29,6 +29,12 @@ _BLOCK128 = dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2)
 #: module settings per variant, the shipped ones first
 VARIANTS = [SHIPPED] + [{**SHIPPED, **change} for change in [
     # most promising first, so that a sweep cut by a time limit still answers the main question.
+    # the 128-tile far launch (8 warps): one product of contraction 4N instead of three dependent ones (no spills
+    # at 128 with 8 warps, sm_90), two channels per iteration, 16 warps
+    dict(FAR_PRODUCT="fused"),
+    dict(FAR_PRODUCT="fused", NUM_STAGES=3),
+    dict(FAR_UNROLL=2),
+    dict(WIDE_FAR_WARPS=16),
     # this layer's tiles next to the diagonal need 32 (the pivoted form's bound fails at 64), so until session 6 every
     # tile ran at 32 (WIDE_FAR_BLOCK=None). Session 7 (H200, Ā at L = 4096): far tiles at 64 0.0283-0.0297 s, at
     # 128 with 4 warps 0.0263-0.0267 s (744 B of spills a thread), at 128 with 8 warps 0.0237 s (the default since),

@@ -89,8 +89,9 @@ MIXED_NEAR_FORMS = True
 #: pivoted form's bound fails at BLOCK; far tiles need no bound): fewer, larger tile products over the bulk of the
 #: matrix, at the cost of a second factor set (peak memory of Ā about twice). ``None``: every tile at the near tiles'
 #: block. Not for ``dense()``, which is bound by writing its output. H200, session 7, the 130m layer whose near
-#: tiles need 32 (benchmarks/sweep_kernel.py): Ā at L = 4096 0.0237 s at 128 (8 warps), 0.0283-0.0297 s at 64,
-#: 0.0306-0.0309 s without; dense at L = 1024 0.0054 s without, 0.0063 s at 64
+#: tiles need 32 (benchmarks/sweep_kernel.py): Ā at L = 4096 0.0223-0.0237 s at 128 (8 warps), 0.0283-0.0297 s at 64,
+#: 0.0306-0.0309 s without; dense at L = 1024 0.0054 s without, 0.0063 s at 64. A layer whose near tiles pass at
+#: 64: 0.021 s at 128 against 0.026 s without
 WIDE_FAR_BLOCK: int | None = 128
 #: warps of the launch of the wide far tiles (``None``: :data:`NUM_WARPS`): a 128-tile's accumulator and product
 #: take 248 registers a thread at 8 warps; at 4 they spill 744 B a thread (sm_90), Ā 0.0263 s instead of 0.0237 s
@@ -574,7 +575,8 @@ def _chunk_factors(
             kl = kt - kh
             del kt
     kf = q[:0]  # placeholders (what the kernel does not read) are empty views of q, as in _kernel_factors
-    if far_product == "fused":  # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
+    if far_product == "fused":
+        # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
         bsz, count, _, length = kh.shape
         kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
         kh = kl = q[:0]
