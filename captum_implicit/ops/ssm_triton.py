@@ -82,7 +82,7 @@ DENSE_CHANNELS = 16
 FORCE_NEAR_EXACT = False
 #: where the pivoted form's bound fails somewhere, take the per-entry form only in the row blocks that fail it (per
 #: batch row and channel) instead of in the whole layer (False: one channel's Δ spike sends the whole layer to the
-#: slower form). H200, session 7: ``dense()`` of HF's random-init 130m-sized layer at L = 1024 0.0160 s instead of
+#: slower form). H200, session 7: ``dense()`` of HF's random-init 130m-sized layer at L = 1024 0.0145-0.0160 s, not
 #: 0.0220 s (benchmarks/bench_matrix.py)
 MIXED_NEAR_FORMS = True
 #: the reductions' far tiles at this block size when the tiles next to the diagonal need a smaller one (their
