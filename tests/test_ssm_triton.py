@@ -116,8 +116,8 @@ FACTOR_BOUND = 1e-6
 
 def check_factor_kernel(attn, reductions=MODE_REDUCTIONS) -> int:
     """Run :func:`kernel_outputs` with every call of the factor kernel checked against the torch reference
-    (``_factors``) on the same inputs: ``Q`` and ``K'`` to float32 rounding, ``K'``'s transposed split into a TF32
-    high part and a rest. Returns the number of calls checked."""
+    (``_factors``) on the same inputs: ``Q`` and ``K'`` (as is, or its transposed split into a TF32 high part and a
+    rest) to float32 rounding. Returns the number of calls checked."""
     from captum_implicit.ops import ssm_triton
 
     kernel, calls = ssm_triton._kernel_factors, []
@@ -125,15 +125,21 @@ def check_factor_kernel(attn, reductions=MODE_REDUCTIONS) -> int:
     def checked(ch, block, n_pad, split, *, head_of, **factors):
         q, k, kh, kl = kernel(ch, block, n_pad, split, head_of=head_of, **factors)
         ref_q, ref_k = ssm_triton._factors(ch, block, n_pad, head_of=head_of.long(), **factors)
-        assert rel_err(q, ref_q) <= FACTOR_BOUND and rel_err(k, ref_k) <= FACTOR_BOUND, (rel_err(q, ref_q), ch)
-        assert not q[..., factors["rate"].shape[-1]:].any() and not k[..., factors["rate"].shape[-1]:].any()
-        if split:
+        states = factors["rate"].shape[-1]
+        assert rel_err(q, ref_q) <= FACTOR_BOUND, (rel_err(q, ref_q), ch)
+        assert not q[..., states:].any()
+        if split:  # only the parts are stored: the far tiles read nothing else
+            assert k.numel() == 0
             assert not (kh.view(torch.int32) & 8191).any()  # TF32: the low 13 mantissa bits clear
-            # the parts sum to K' within one float32 rounding, not always exactly: compiled, the last multiply of K'
-            # (by ρ) can fuse into the subtraction that makes the rest (an FMA), which then holds K' before its
-            # rounding (H200, session 6)
-            kt = k.transpose(-1, -2)
+            # the parts sum to the kernel's own unsplit K' within one float32 rounding, not always exactly: compiled,
+            # the last multiply of K' (by ρ) can fuse into the subtraction that makes the rest (an FMA), which then
+            # holds K' before its rounding (H200, session 6)
+            kt = kernel(ch, block, n_pad, False, head_of=head_of, **factors)[1].transpose(-1, -2)
             assert ((kh + kl - kt).abs() <= kt.abs() * 2.0**-23).all()
+            assert rel_err(kt, ref_k.transpose(-1, -2)) <= FACTOR_BOUND and not kt[..., states:, :].any(), ch
+        else:
+            assert kh.numel() == kl.numel() == 0
+            assert rel_err(k, ref_k) <= FACTOR_BOUND and not k[..., states:].any(), (rel_err(k, ref_k), ch)
         calls.append(ch)
         return q, k, kh, kl
 
@@ -275,6 +281,8 @@ def test_factor_kernel_matches_torch_factors_on_gpu(case, monkeypatch):
     attn = random_mamba_attention("cuda", **CASES[case])
     monkeypatch.setattr(ssm_triton, "FACTOR_ELEMENTS", attn.batch_size * attn.seq_len * 16 * 2)  # 2 channels a call
     assert check_factor_kernel(attn) >= 2 * (1 + len(MODE_REDUCTIONS))
+    with blockwise(precision="tf32"):  # K' as is, unsplit
+        check_factor_kernel(attn, ["positive_sum"])
     fast = kernel_outputs(attn)
     monkeypatch.setattr(ssm_triton, "FACTOR_KERNEL", False)
     for key, value in kernel_outputs(attn).items():
@@ -423,6 +431,8 @@ def interpreter_checks() -> None:
     ssm_triton.FACTOR_ROWS = 16  # three programs along the 40 positions, the last one partial
     for case in (attn, random_mamba_attention("cpu", channels=3, length=40, state=3, heads=2, conv=False, gate=False)):
         check_factor_kernel(case)
+    with blockwise(precision="tf32"):  # one product from registers: K' as is, no split
+        check_factor_kernel(attn, ["positive_sum"])
     ssm_triton.FACTOR_KERNEL = False  # the torch factors in the kernel's place: the same results
     compare_with_reference(attn)
     ssm_triton.FACTOR_KERNEL = True

@@ -441,9 +441,10 @@ if triton is not None:
         N_P: tl.constexpr, K: tl.constexpr, BL: tl.constexpr, HAS_LSC: tl.constexpr, HAS_COL: tl.constexpr,
         HAS_RSC: tl.constexpr, SPLIT: tl.constexpr,
     ):
-        """:func:`_factors` for ``BL`` positions of one channel: ``Q``, ``K'`` (``(b, c, L, N_P)``) and, with
-        ``SPLIT``, ``K'`` transposed in TF32 high and low parts (``(b, c, N_P, L)``). Same operations in the same
-        order as the torch reference; one pass over the outputs instead of a dozen over ``(b, c, L, N)`` tensors."""
+        """:func:`_factors` for ``BL`` positions of one channel: ``Q`` (``(b, c, L, N_P)``) and ``K'``, as is
+        (``(b, c, L, N_P)``) or, with ``SPLIT``, transposed in TF32 high and low parts (``(b, c, N_P, L)``; the far
+        tiles read only those). Same operations in the same order as the torch reference; one pass over the
+        outputs instead of a dozen over ``(b, c, L, N)`` tensors."""
         tb = tl.program_id(0)
         b = tl.program_id(1)
         lc = tl.program_id(2)
@@ -481,12 +482,13 @@ if triton is not None:
             k += write * tl.exp(expo[:, None] * rate[None, :]) * scale[:, None]
         if HAS_RSC:
             k = k * tl.load(rsc_ptr + row + offs_t, mask=in_t, other=0.0)[:, None]
-        tl.store(k_ptr + out, k, mask=in_t[:, None])
         if SPLIT:
             high = _tf32_high(k)
             out_t = ((b * c_count + lc).to(tl.int64) * N_P + offs_n[None, :]) * L + offs_t[:, None]
             tl.store(kh_ptr + out_t, high, mask=in_t[:, None])
             tl.store(kl_ptr + out_t, k - high, mask=in_t[:, None])
+        else:
+            tl.store(k_ptr + out, k, mask=in_t[:, None])
 
 
 def _factors(
@@ -535,17 +537,20 @@ def _kernel_factors(
     ch: slice, block: int, n_pad: int, split: bool, *, cum: Tensor, rate: Tensor, read: Tensor, write: Tensor,
     ws: Tensor, head_of: Tensor, lsc: Tensor | None, col: Tensor | None, rsc: Tensor | None, weight: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`_factors` by :func:`_factor_kernel`: ``Q``, ``K'`` ``(b, c, L, n_pad)`` float32 and, if ``split``,
-    ``K'`` transposed ``(b, c, n_pad, L)`` in its TF32 high part and the rest (else two placeholders). Inputs as
-    prepared by :func:`ssm_kernel` (contiguous, float32; ``cum`` float64, ``head_of`` int32)."""
+    """:func:`_factors` by :func:`_factor_kernel`: ``(q, k, kh, kl)``, ``Q`` ``(b, c, L, n_pad)`` float32 and
+    either, if ``split``, ``K'`` transposed ``(b, c, n_pad, L)`` in its TF32 high part and the rest, or ``K'``
+    ``(b, c, L, n_pad)`` as is; placeholders for the others (the kernel reads one form or the other: storing both
+    cost a quarter of the factors' memory and writes). Inputs as prepared by :func:`ssm_kernel` (contiguous,
+    float32; ``cum`` float64, ``head_of`` int32)."""
     bsz, nch, length = cum.shape
     count = ch.stop - ch.start
     q = torch.empty(bsz, count, length, n_pad, dtype=torch.float32, device=cum.device)
-    k = torch.empty_like(q)
-    dummy = kh = kl = q[:0]
+    dummy = k = kh = kl = q[:0]
     if split:
         kh = torch.empty(bsz, count, n_pad, length, dtype=torch.float32, device=cum.device)
         kl = torch.empty_like(kh)
+    else:
+        k = torch.empty_like(q)
     grid = (math.ceil(length / FACTOR_ROWS), bsz, count)
     _factor_kernel[grid](
         q, k, kh, kl, cum, rate, read, write, ws, head_of, dummy if lsc is None else lsc,
@@ -569,11 +574,12 @@ def _chunk_factors(
     else:
         q, k = _factors(ch, block, n_pad, head_of=head_of.long(), **inputs)
         kh = kl = q[:0]
-        if split:
+        if split:  # the far tiles read only the parts (as from _kernel_factors)
             kt = k.transpose(-1, -2).contiguous()
             kh = (kt.view(torch.int32) & -8192).view(torch.float32)
             kl = kt - kh
             del kt
+            k = q[:0]
     kf = q[:0]  # placeholders (what the kernel does not read) are empty views of q, as in _kernel_factors
     if far_product == "fused":
         # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
