@@ -9,6 +9,8 @@ model returns, soft-capped).
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -16,6 +18,7 @@ import torch
 from hypothesis import strategies as st
 from torch import nn
 
+from captum_implicit.core.capture import torch_fallback_of
 from captum_implicit.lrp import GatedLinearComposite, GatedLinearLRP, GatedLinearRules, LRPError, is_canonized
 from captum_implicit.lrp.canonizers import find_lrp_form
 from conftest import rel_err
@@ -24,6 +27,34 @@ CONSERVE = 1e-8  # relative, float64, biases zero
 FLOAT32 = 1e-4  # relative, float32 models: the model's own rounding
 
 RelevanceFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+#: fla importable without a GPU: transformers binds fla's Triton kernels at import (Kimi-Linear, Qwen3-Next, ...),
+#: and they fail on CPU tensors, so the models' own forward cannot run on CPU there
+FLA_WITHOUT_GPU = importlib.util.find_spec("fla") is not None and not torch.cuda.is_available()
+
+
+# ----------------------------------------------------------------------------- the model's own forward
+def hf_forward(model: nn.Module, *args, **kwargs):
+    """``model(*args, **kwargs)``, the reference the LRP forms are checked against. Where fla is importable without a
+    GPU (:data:`FLA_WITHOUT_GPU`), the kernel wrappers of the model's modeling modules run their torch functions
+    during the call: the model's own forward as HF runs it without fla (fla's Triton kernels fail on CPU tensors)."""
+    if not (FLA_WITHOUT_GPU and next(model.parameters()).device.type == "cpu"):
+        return model(*args, **kwargs)
+    modules = {sys.modules[type(m).__module__] for m in model.modules()}
+    swapped = [(mod, name, fn) for mod in modules for name, fn in vars(mod).items()
+               if callable(fn) and torch_fallback_of(fn) is not None]
+    try:
+        for mod, name, fn in swapped:
+            setattr(mod, name, torch_fallback_of(fn))
+        return model(*args, **kwargs)
+    finally:
+        for mod, name, fn in swapped:
+            setattr(mod, name, fn)
+
+
+def hf_kernel(fn: Callable) -> Callable:
+    """A transformers kernel wrapper's torch function (what it runs without fla; fla's kernel fails on CPU)."""
+    return torch_fallback_of(fn) or fn
 
 
 # ----------------------------------------------------------------------------- reference relevance
@@ -81,8 +112,8 @@ def check_canonized_logits_identical(model: nn.Module, ids: torch.Tensor, mask: 
     HF fills it (``cached=False``: a model HF cannot run with a cache). Returns the cached outputs (canonized, plain)
     for further checks (e.g. the cache's contents)."""
     kw = {"attention_mask": mask} if mask is not None else {}
-    ref = model(ids, use_cache=False, **kw)
-    ref_cache = model(ids, use_cache=True, **kw) if cached else ref
+    ref = hf_forward(model, ids, use_cache=False, **kw)
+    ref_cache = hf_forward(model, ids, use_cache=True, **kw) if cached else ref
     with GatedLinearComposite().context(model):
         assert any(is_canonized(m) for m in model.modules())
         out = model(ids, use_cache=False, **kw)
@@ -207,7 +238,10 @@ def check_cached_continuation_refused(model: nn.Module, ids: torch.Tensor, match
 
     ``continuation(model, ids)`` runs the prefix and returns the keyword arguments of the one-token continuation
     (default: HF's ``cache`` from ``model(ids, use_cache=True)``)."""
-    cont = continuation(model, ids) if continuation is not None else {"cache": model(ids, use_cache=True).cache}
+    if continuation is not None:
+        cont = continuation(model, ids)
+    else:
+        cont = {"cache": hf_forward(model, ids, use_cache=True).cache}
     before = model_state(model)
     with pytest.raises(LRPError, match=match):
         with GatedLinearComposite().context(model):

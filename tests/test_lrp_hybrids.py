@@ -34,7 +34,7 @@ from _lrp_checks import CONSERVE, check_ablation, check_bias_absorption  # noqa:
 from _lrp_checks import check_cached_continuation_refused, check_canonized_logits_identical  # noqa: E402
 from _lrp_checks import check_conservation, check_conservation_float32, check_gpu_canonized_logits  # noqa: E402
 from _lrp_checks import check_restored_and_captum_class, draw_target_and_mask, left_padded  # noqa: E402
-from _lrp_checks import rel_conservation, relevance  # noqa: E402
+from _lrp_checks import hf_forward, hf_kernel, rel_conservation, relevance  # noqa: E402
 EXAMPLES = min(settings().max_examples, 8)
 
 
@@ -129,7 +129,7 @@ def test_moe_default_experts_kernel_float32(family):
     model = BUILD[family](seed=7, dtype=torch.float32, moe_dim=8)  # grouped_mm wants 16-byte strides
     model.config._experts_implementation = "grouped_mm"
     ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(7))
-    ref = model(ids, use_cache=False).logits
+    ref = hf_forward(model, ids, use_cache=False).logits
     with GatedLinearComposite().context(model):
         assert torch.equal(model(ids, use_cache=False).logits, ref)
     R, f, _ = relevance(model, ids, torch.tensor([1, 2]))
@@ -147,9 +147,10 @@ def test_delta_rule_recurrence_matches_hf_kernels():
     decay = -torch.rand(b, L, hv, generator=g) * 2
     beta = torch.rand(b, L, hv, generator=g)
     ours = gated_delta_rule_recurrent(q, k, v, decay, beta, torch.float32)
-    rec, _ = hf.torch_recurrent_gated_delta_rule(q, k, v, g=decay, beta=beta, use_qk_l2norm_in_kernel=True)
-    chunk, _ = hf.torch_chunk_gated_delta_rule(q, k, v, g=decay, beta=beta, chunk_size=4,
-                                               use_qk_l2norm_in_kernel=True)
+    rec, _ = hf_kernel(hf.torch_recurrent_gated_delta_rule)(q, k, v, g=decay, beta=beta,
+                                                             use_qk_l2norm_in_kernel=True)
+    chunk, _ = hf_kernel(hf.torch_chunk_gated_delta_rule)(q, k, v, g=decay, beta=beta, chunk_size=4,
+                                                          use_qk_l2norm_in_kernel=True)
     assert torch.equal(ours, rec)
     assert torch.allclose(ours, chunk, rtol=0, atol=1e-5)
     ours64 = gated_delta_rule_recurrent(q.double(), k.double(), v.double(), decay.double(), beta.double(),

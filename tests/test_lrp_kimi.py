@@ -25,7 +25,7 @@ from _lrp_checks import CONSERVE, check_ablation, check_bias_absorption  # noqa:
 from _lrp_checks import check_cached_continuation_refused, check_canonized_logits_identical  # noqa: E402
 from _lrp_checks import check_conservation, check_conservation_float32, check_gpu_canonized_logits  # noqa: E402
 from _lrp_checks import check_restored_and_captum_class, draw_target_and_mask, left_padded  # noqa: E402
-from _lrp_checks import rel_conservation, relevance  # noqa: E402
+from _lrp_checks import hf_kernel, rel_conservation, relevance  # noqa: E402
 EXAMPLES = min(settings().max_examples, 6)
 
 
@@ -82,10 +82,10 @@ def test_kda_recurrence_matches_hf_kernels():
     decay = -torch.rand(b, L, h, d, generator=g) * 2  # one decay per key channel
     beta = torch.rand(b, L, h, generator=g)
     ours = kda_recurrent(q, k, v, decay, beta, torch.float32)
-    rec, _ = hf.recurrent_kimi_delta_attention(q, k, v, g=decay, beta=beta, initial_state=None,
-                                               output_final_state=False, use_qk_l2norm_in_kernel=True)
-    chunk, _ = hf.chunk_kimi_delta_attention(q, k, v, g=decay, beta=beta, chunk_size=4,
-                                             use_qk_l2norm_in_kernel=True)
+    rec, _ = hf_kernel(hf.recurrent_kimi_delta_attention)(q, k, v, g=decay, beta=beta, initial_state=None,
+                                                          output_final_state=False, use_qk_l2norm_in_kernel=True)
+    chunk, _ = hf_kernel(hf.chunk_kimi_delta_attention)(q, k, v, g=decay, beta=beta, chunk_size=4,
+                                                        use_qk_l2norm_in_kernel=True)
     assert torch.equal(ours, rec)
     assert torch.allclose(ours, chunk, rtol=0, atol=1e-5)
     args = (decay.double(), beta.double(), torch.float64)
