@@ -179,8 +179,12 @@ def _load_transformers(folder: Path, device: str, dtype: torch.dtype):
             raise ModelLoadError(
                 f"{str(folder)!r} has a config.json but no weights (*.safetensors or pytorch_model.bin)"
             )
+        own = _transformers_own(tf, config.model_type, classifier)
+        if own is not None:
+            config = own[0].from_pretrained(folder, local_files_only=True)
+            auto = own[1]
         try:
-            model = auto.from_pretrained(folder, local_files_only=True, dtype=dtype)
+            model = auto.from_pretrained(folder, config=config, local_files_only=True, dtype=dtype)
         except ValueError as e:  # the config's type has no causal-LM / classifier class
             raise ModelLoadError(
                 f"{config.model_type!r} (architectures {archs or 'not given'}) has no {auto.__name__} class; "
@@ -192,6 +196,22 @@ def _load_transformers(folder: Path, device: str, dtype: torch.dtype):
     max_length = getattr(config, "max_position_embeddings", None)
     labels = {int(k): str(v) for k, v in (config.id2label or {}).items()} if classifier else {}
     return model, "classifier" if classifier else "causal_lm", max_length, labels
+
+
+def _transformers_own(tf, model_type: str, classifier: bool) -> tuple[type, type] | None:
+    """transformers' own ``(config class, model class)`` for ``model_type``; ``None`` for a type it does not know
+    (the Auto classes then decide).
+
+    Packages can register their models under transformers' model types: importing flash-linear-attention
+    (``import fla``) points ``AutoConfig`` and ``AutoModelForCausalLM`` for ``"mamba"`` and ``"mamba2"`` at fla's own
+    Triton models, process-wide. A checkpoint saved by transformers then still loads into transformers' classes."""
+    from transformers.models.auto import configuration_auto, modeling_auto
+
+    models = (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES if classifier
+              else modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    names = (configuration_auto.CONFIG_MAPPING_NAMES.get(model_type), models.get(model_type))
+    classes = tuple(getattr(tf, name, None) if isinstance(name, str) else None for name in names)
+    return classes if all(c is not None for c in classes) else None
 
 
 def _load_mamba_ssm(folder: Path, config: dict, device: str, dtype: torch.dtype):

@@ -96,7 +96,7 @@ def test_explain_causal_lm_default_target_is_the_next_token_prediction(folders, 
     assert len(list(out.glob("text0_layer*.png"))) == 2  # one per MambaMixer
 
     # the reported ImplicitAttnGrad scores are those of the model's own arg-max next token at the last position
-    model = tf.AutoModelForCausalLM.from_pretrained(folders["mamba"], local_files_only=True)
+    model = tf.MambaForCausalLM.from_pretrained(folders["mamba"], local_files_only=True)
     tok = tf.AutoTokenizer.from_pretrained(folders["mamba"], local_files_only=True)
     ids = tok(TEXT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -104,6 +104,27 @@ def test_explain_causal_lm_default_target_is_the_next_token_prediction(folders, 
     expected = ci.ImplicitAttnGrad(model).attribute(ids, target=predicted)[0]
     torch.testing.assert_close(torch.tensor(scores[:n], dtype=torch.float64), expected.double(), rtol=1e-3, atol=0)
     assert f"(id {predicted})" in page
+
+
+def test_transformers_checkpoint_loads_into_transformers_classes(folders, monkeypatch):
+    """Another package registered under transformers' model type (as ``import fla`` does for "mamba" and "mamba2",
+    process-wide): a checkpoint saved by transformers still loads into transformers' own classes."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    from captum_implicit.local_model import load_local
+
+    class OtherConfig(tf.MambaConfig):
+        model_type = "mamba"
+
+    class OtherMamba(tf.MambaForCausalLM):
+        config_class = OtherConfig
+
+    monkeypatch.setitem(CONFIG_MAPPING._extra_content, "mamba", OtherConfig)
+    monkeypatch.setitem(MODEL_FOR_CAUSAL_LM_MAPPING._extra_content, OtherConfig, OtherMamba)
+    assert type(tf.AutoModelForCausalLM.from_pretrained(folders["mamba"], local_files_only=True)) is OtherMamba
+    loaded = load_local(folders["mamba"])
+    assert type(loaded.model) is tf.MambaForCausalLM and type(loaded.model.config) is tf.MambaConfig
 
 
 # RecurrentGemma: two recurrent (RG-LRU) blocks and one attention block, one matrix each. RWKV: its in-place
