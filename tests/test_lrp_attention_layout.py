@@ -25,7 +25,7 @@ import test_lrp_kimi as kimi  # noqa: E402
 import test_lrp_mamba2_hybrids as mamba2_hybrids  # noqa: E402
 import test_lrp_relatives as relatives  # noqa: E402
 import test_lrp_xlstm_minimax as xlstm_minimax  # noqa: E402
-from _lrp_checks import check_canonized_logits_identical, left_padded  # noqa: E402
+from _lrp_checks import check_canonized_logits_identical, hf_forward, left_padded  # noqa: E402
 from captum_implicit.lrp import GatedLinearComposite  # noqa: E402
 from captum_implicit.lrp.common import memory_layout  # noqa: E402
 
@@ -99,7 +99,7 @@ def test_eager_attention_gets_hf_layout(family, monkeypatch):
                 return _eager(module, query, key, value, *args, **kwargs)
 
             monkeypatch.setattr(hf, "eager_attention_forward", recording)
-    model(ids, attention_mask=mask, use_cache=True)
+    hf_forward(model, ids, attention_mask=mask, use_cache=True)
     plain, calls[:] = list(calls), []
     with GatedLinearComposite().context(model):
         model(ids, attention_mask=mask, use_cache=True)

@@ -31,7 +31,7 @@ from _lrp_checks import CONSERVE, check_ablation, check_bias_absorption  # noqa:
 from _lrp_checks import check_cached_continuation_refused, check_canonized_logits_identical  # noqa: E402
 from _lrp_checks import check_conservation, check_conservation_float32, check_gpu_canonized_logits  # noqa: E402
 from _lrp_checks import check_restored_and_captum_class, draw_target_and_mask, left_padded  # noqa: E402
-from _lrp_checks import rel_conservation, relevance  # noqa: E402
+from _lrp_checks import hf_forward, rel_conservation, relevance  # noqa: E402
 EXAMPLES = min(settings().max_examples, 5)
 
 
@@ -489,7 +489,7 @@ def test_glm5_clamps_engage():
     seen = []
     mlp = model.model.layers[0].mlp
     handle = mlp.up_proj.register_forward_hook(lambda m, a, o: seen.append(o))
-    model(torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)), use_cache=False)
+    hf_forward(model, torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0)), use_cache=False)
     handle.remove()
     assert (seen[0].abs() > mlp.swiglu_limit).any() and (seen[0].abs() < mlp.swiglu_limit).any()
 
