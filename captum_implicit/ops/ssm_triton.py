@@ -343,25 +343,16 @@ if triton is not None:
             h = tl.load(head_ptr + c)
             base_bh = (b * H + h).to(tl.int64) * L
             base_q = (b * c_count + lc) * L
-            if NEAR_EXACT == 1:
+            if NEAR_EXACT == 2:  # per (batch row, channel, row block), from the table
+                per_entry = tl.load(exact_ptr + (b * C + c) * NB + (pivot + 1) // BT) != 0
+            else:  # a compile-time constant: each launch compiles only its own form
+                per_entry = NEAR_EXACT == 1
+            if per_entry:
                 m = _near_tile_exact(
                     cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
                     base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
                     N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL,
                 )
-            elif NEAR_EXACT == 2:
-                if tl.load(exact_ptr + (b * C + c) * NB + (pivot + 1) // BT) != 0:
-                    m = _near_tile_exact(
-                        cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
-                        base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
-                        N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL,
-                    )
-                else:
-                    m = _near_tile_pivoted(
-                        q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
-                        base_bc, base_bh, base_q, c, pivot, offs_t, offs_s, offs_n, mask_t, mask_n, L, N,
-                        N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL, PRODUCT,
-                    )
             else:
                 m = _near_tile_pivoted(
                     q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
