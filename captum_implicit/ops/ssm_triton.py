@@ -733,10 +733,10 @@ def ssm_kernel(
         per_prog = math.ceil(chunk / groups)
         groups = math.ceil(chunk / per_prog)
         out = torch.zeros(bsz, groups, length, length, dtype=f32, device=device)
+    inputs = dict(cum=cum, rate=rate, read=read, write=write, ws=ws, lsc=lsc, col=col, rsc=rsc, weight=weight)
     for c0 in range(0, nch, chunk):
         ch = slice(c0, min(c0 + chunk, nch))
         count = ch.stop - ch.start
-        inputs = dict(cum=cum, rate=rate, read=read, write=write, ws=ws, lsc=lsc, col=col, rsc=rsc, weight=weight)
         # (q, k, kh, kl, kf) per block size in use, pivoted at that size
         factors = {blk: _chunk_factors(ch, blk, n_pad, far_product, head_of, inputs)
                    for blk in {b for _, _, b in launches}}
