@@ -447,8 +447,6 @@ def interpreter_checks() -> None:
     ssm_triton.FAR_PRODUCT = "split"
     with blockwise(precision="tf32"):  # the user's switch to that variant
         assert torch.equal(attn.dense(), one_tf32)
-    ssm_triton.FAR_PRODUCT = "register"
-    ssm_triton.FAR_PRODUCT = "split"
     ssm_triton.FACTOR_ELEMENTS = 40 * 16  # one channel per launch
     compare_with_reference(attn)
     huge = random_mamba_attention("cpu", channels=2, length=40, state=3, batch=1, rate_scale=1e4)
