@@ -63,13 +63,11 @@ VARIANTS = [SHIPPED] + [{**SHIPPED, **change} for change in [
     dict(SEPARATE_FAR=False),
     dict(SEPARATE_FAR=True, FAR_PRODUCT="fused"),
     # the far-tile loop looks latency-bound (three dependent K=N products per channel): one product of
-    # contraction 4N, and/or two channels per iteration (two independent chains to overlap)
-    dict(FAR_PRODUCT="fused"),
+    # contraction 4N, and/or two channels per iteration (two independent chains to overlap; each alone: first above)
     dict(SEPARATE_FAR=True, FAR_UNROLL=2),
     dict(SEPARATE_FAR=True, NUM_WARPS=8),
     {**_BLOCK128, "SEPARATE_FAR": True},
     {**_BLOCK128, "SEPARATE_FAR": True, "FAR_PRODUCT": "fused"},
-    dict(FAR_UNROLL=2),
     dict(FAR_PRODUCT="fused", FAR_UNROLL=2),
     dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2),  # 4× the outputs per loaded factor, half the loads per entry
     {**_BLOCK128, "FAR_PRODUCT": "fused"},
