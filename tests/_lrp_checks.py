@@ -41,14 +41,15 @@ def hf_forward(model: nn.Module, *args, **kwargs):
     if not (FLA_WITHOUT_GPU and next(model.parameters()).device.type == "cpu"):
         return model(*args, **kwargs)
     modules = {sys.modules[type(m).__module__] for m in model.modules()}
-    swapped = [(mod, name, fn) for mod in modules for name, fn in vars(mod).items()
-               if callable(fn) and torch_fallback_of(fn) is not None]
+    kernels = [(mod, name, fn, torch_fallback_of(fn)) for mod in modules for name, fn in vars(mod).items()
+               if callable(fn)]
+    swapped = [(mod, name, fn, fallback) for mod, name, fn, fallback in kernels if fallback is not None]
     try:
-        for mod, name, fn in swapped:
-            setattr(mod, name, torch_fallback_of(fn))
+        for mod, name, _, fallback in swapped:
+            setattr(mod, name, fallback)
         return model(*args, **kwargs)
     finally:
-        for mod, name, fn in swapped:
+        for mod, name, fn, _ in swapped:
             setattr(mod, name, fn)
 
 
