@@ -128,7 +128,7 @@ def load_local(
     if "model_type" not in config and {"d_model", "n_layer"} <= config.keys():
         loaded = _load_mamba_ssm(folder, config, device or "cuda", dtype)
     else:
-        loaded = _load_transformers(folder, device or "cpu", dtype)
+        loaded = _load_transformers(folder, config, device or "cpu", dtype)
     model, kind, max_length, labels = loaded
     model.eval()
     tok = _load_tokenizer(Path(tokenizer) if tokenizer is not None else folder)
@@ -162,27 +162,26 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _load_transformers(folder: Path, device: str, dtype: torch.dtype):
+def _load_transformers(folder: Path, raw_config: dict, device: str, dtype: torch.dtype):
     try:
         import transformers as tf
     except ImportError as e:
         raise ModelLoadError("loading an HF model folder needs transformers: pip install 'captum-implicit[hf]'") from e
+    archs = list(raw_config.get("architectures") or [])
+    classifier = any(a.endswith("ForSequenceClassification") for a in archs)
+    # transformers' own classes for a model type it knows; the Auto classes for the rest
+    config_class, auto = _transformers_own(tf, raw_config.get("model_type"), classifier) or (
+        tf.AutoConfig, tf.AutoModelForSequenceClassification if classifier else tf.AutoModelForCausalLM
+    )
     with _quiet_transformers():
         try:
-            config = tf.AutoConfig.from_pretrained(folder, local_files_only=True)
+            config = config_class.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError) as e:
             raise ModelLoadError(f"transformers cannot read the config in {str(folder)!r}: {e}") from e
-        archs = list(getattr(config, "architectures", None) or [])
-        classifier = any(a.endswith("ForSequenceClassification") for a in archs)
-        auto = tf.AutoModelForSequenceClassification if classifier else tf.AutoModelForCausalLM
         if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
             raise ModelLoadError(
                 f"{str(folder)!r} has a config.json but no weights (*.safetensors or pytorch_model.bin)"
             )
-        own = _transformers_own(tf, config.model_type, classifier)
-        if own is not None:
-            config = own[0].from_pretrained(folder, local_files_only=True)
-            auto = own[1]
         try:
             model = auto.from_pretrained(folder, config=config, local_files_only=True, dtype=dtype)
         except ValueError as e:  # the config's type has no causal-LM / classifier class
@@ -198,7 +197,7 @@ def _load_transformers(folder: Path, device: str, dtype: torch.dtype):
     return model, "classifier" if classifier else "causal_lm", max_length, labels
 
 
-def _transformers_own(tf, model_type: str, classifier: bool) -> tuple[type, type] | None:
+def _transformers_own(tf, model_type: str | None, classifier: bool) -> tuple[type, type] | None:
     """transformers' own ``(config class, model class)`` for ``model_type``; ``None`` for a type it does not know
     (the Auto classes then decide).
 
