@@ -12,8 +12,13 @@ says otherwise.
 
 from __future__ import annotations
 
+def default_bounds(test: str) -> str:
+    """The default bounds, with padding, on the H200, checked by ``test`` (its file or node id)."""
+    return f"float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 ({test})"
+
+
 #: the bounds and the test of the HF relatives' and hybrids' every captured layer on CUDA
-HF_VARIANTS = "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_hf_variants.py)"
+HF_VARIANTS = default_bounds("tests/test_hf_variants.py")
 #: the bounds and the test of the older hybrids' every captured layer on CUDA (session 6)
 HYBRIDS_ON_CUDA = (
     "every captured layer of the model, float32 ≤ 1e-4 and bf16 ≤ 5e-2, L = 80 with padding, H200 "

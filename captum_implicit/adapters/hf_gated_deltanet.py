@@ -15,7 +15,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.gated_deltanet import DeltaRuleAttention, build_delta_rule_attention
 from ._common import argument, positional
-from ._gpu_runs import HF_VARIANTS, ONLY_5_24
+from ._gpu_runs import HF_VARIANTS, ONLY_5_24, default_bounds
 
 _TF = "transformers.models"
 
@@ -92,7 +92,7 @@ _FLA_GDN = "fla's chunk_gated_delta_rule (bound by transformers when fla imports
 _GPU = {
     **dict.fromkeys(
         ["qwen3_next", "olmo_hybrid", "qwen3_5"],
-        _FLA_GDN + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_gated_deltanet.py)",
+        _FLA_GDN + default_bounds("tests/test_gated_deltanet.py"),
     ),
     **dict.fromkeys(["qwen3_5_moe", "qwen4_exp"], _FLA_GDN + HF_VARIANTS),
     "lara_mini": f"{_FLA_GDN}{ONLY_5_24}, {HF_VARIANTS}",

@@ -13,7 +13,7 @@ from ..core.capture import Recording
 from ..core.registry import Adapter, register_adapter
 from ..layers.gated_deltanet import build_delta_rule_attention
 from ..layers.kda import KDAAttention
-from ._gpu_runs import HF_VARIANTS, ONLY_5_24
+from ._gpu_runs import HF_VARIANTS, ONLY_5_24, default_bounds
 from .hf_gated_deltanet import delta_rule_call, norm_inputs
 
 _TF = "transformers.models"
@@ -29,7 +29,7 @@ def build_hf_kda(module: nn.Module, rec: Recording, name: str) -> KDAAttention:
 _FLA_KDA = "fla's chunk_kda (bound by transformers when fla imports), "
 #: per model: what the GPU tests compared against (adapters/_gpu_runs.py)
 _GPU = {
-    "kimi_linear": _FLA_KDA + "float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 (tests/test_kda.py)",
+    "kimi_linear": _FLA_KDA + default_bounds("tests/test_kda.py"),
     "glm5_next": _FLA_KDA + HF_VARIANTS,
     "bailing_hybrid": f"{_FLA_KDA}{ONLY_5_24}, {HF_VARIANTS}",
 }

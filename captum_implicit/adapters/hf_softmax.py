@@ -49,7 +49,7 @@ from ..core.errors import CaptureError
 from ..core.registry import Adapter, register_adapter
 from ..layers.softmax import SoftmaxAttention, build_softmax_attention
 from ._common import argument
-from ._gpu_runs import HF_VARIANTS, HYBRIDS_ON_CUDA, NO_GPU_TEST, ONLY_5_24
+from ._gpu_runs import HF_VARIANTS, HYBRIDS_ON_CUDA, NO_GPU_TEST, ONLY_5_24, default_bounds
 
 _TF = "transformers.models"
 
@@ -164,8 +164,7 @@ _GPU = {
     **dict.fromkeys(
         ["glm5_next", "qwen4_exp"],
         "eager attention on CUDA (the capture turns SDPA eager), the linear layers through fla's kernels, "
-        f"{ONLY_5_24}, float32 ≤ 1e-4 and bf16 ≤ 5e-2, with padding, H200 "
-        "(tests/test_sparse_attention.py::test_every_layer_on_cuda)",
+        f"{ONLY_5_24}, {default_bounds('tests/test_sparse_attention.py::test_every_layer_on_cuda')}",
     ),
     **dict.fromkeys(
         ["lfm3", "lara_mini", "bailing_hybrid"],
