@@ -323,8 +323,14 @@ def freeze(attn: LayerAttention) -> None:
 
 def check_finite(attn: LayerAttention) -> None:
     """Raise :class:`NonFiniteError` if any captured factor of ``attn`` is NaN or infinite."""
-    for key, value in vars(attn).items():
-        if isinstance(value, Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+    floats = {k: v for k, v in vars(attn).items() if isinstance(v, Tensor) and v.is_floating_point()}
+    if not floats:
+        return
+    # one flag per tensor, read back at once: on a GPU each read is a synchronisation, which stalls the forward
+    device = next(iter(floats.values())).device
+    finite = torch.stack([torch.isfinite(v).all().to(device) for v in floats.values()]).tolist()
+    for key, ok in zip(floats, finite, strict=True):
+        if not ok:
             raise NonFiniteError(
                 f"layer {attn.name!r}: captured tensor {key!r} contains NaN or infinite values; the model's "
                 "forward pass is not finite for this input (check the input and the weights)."

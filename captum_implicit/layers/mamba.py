@@ -22,6 +22,8 @@ as a per-token factor ``fl32(u)/u``), so float64 agreement is at rounding level.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -85,7 +87,11 @@ class MambaAttention(LayerAttention):
         # a single row's factors are (c, L, N) in float64 next to a (c, L) row
         self.cost_factor = 2
         self.row_cost_factor = 2 * rate.shape[-1]
-        self._single_head = bool((head_of == 0).all()) and read.shape[1] == 1
+
+    @functools.cached_property
+    def _single_head(self) -> bool:
+        # asked by the torch tiles only: reading it is a synchronisation on a GPU, which the kernel path avoids
+        return self.read.shape[1] == 1 and bool((self.head_of == 0).all())
 
     def _heads(self, channels: Channels) -> Tensor | slice:
         return slice(0, 1) if self._single_head else self.head_of[channels]

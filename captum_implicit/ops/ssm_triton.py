@@ -37,6 +37,7 @@ The far-tile loop has opt-in variants for ``benchmarks/sweep_kernel.py`` (:data:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -590,12 +591,21 @@ def _block_exponents(cum: Tensor, rate: Tensor, taps: int, length: int, block: i
     return span * rate.abs().amax(-1).to(torch.float64)[:, None]
 
 
+def _near_statistics(cum: Tensor, rate: Tensor, taps: int, length: int) -> tuple[list[int], list[float], Tensor]:
+    """``(blocks, largest exponent per block, exponents at BLOCK)``: the candidate row blocks (BLOCK, BLOCK/2,
+    BLOCK/4; at least 16 for ``tl.dot``), the largest exponent of each (see :func:`_block_exponents`) and, last in
+    the list, the smallest at BLOCK, all read back at once: each read is a host synchronisation on a GPU, which
+    leaves it idle until the next launch."""
+    blocks = [b for b in (BLOCK, BLOCK // 2, BLOCK // 4) if b >= 16]
+    at_block = _block_exponents(cum, rate, taps, length, BLOCK)
+    others = [_block_exponents(cum, rate, taps, length, b).max() for b in blocks[1:]]
+    return blocks, torch.stack([at_block.max(), *others, at_block.min()]).tolist(), at_block
+
+
 def _block_for(cum: Tensor, rate: Tensor, taps: int, length: int) -> int | None:
     """Largest row block (64 or 32, at least 16 for ``tl.dot``) whose exponents stay below MAX_EXPONENT."""
-    for block in [b for b in (BLOCK, BLOCK // 2, BLOCK // 4) if b >= 16]:
-        if float(_block_exponents(cum, rate, taps, length, block).max()) < MAX_EXPONENT:
-            return block
-    return None
+    blocks, maxima, _ = _near_statistics(cum, rate, taps, length)
+    return next((b for b, m in zip(blocks, maxima, strict=False) if m < MAX_EXPONENT), None)
 
 
 def _near_forms(cum: Tensor, rate: Tensor, taps: int, length: int) -> tuple[int, int, Tensor | None]:
@@ -603,17 +613,15 @@ def _near_forms(cum: Tensor, rate: Tensor, taps: int, length: int) -> tuple[int,
     form (0) at the largest block whose exponents all stay below MAX_EXPONENT; else, at BLOCK, the per-entry form
     everywhere (1) or, with :data:`MIXED_NEAR_FORMS`, where the exponents do not stay below it, per batch row,
     channel and row block (2, with ``exact`` the ``(b, C, blocks)`` int8 table; 1 when nowhere do they)."""
-    block = _block_for(cum, rate, taps, length)
+    blocks, maxima, at_block = _near_statistics(cum, rate, taps, length)
+    block = next((b for b, m in zip(blocks, maxima, strict=False) if m < MAX_EXPONENT), None)
     if FORCE_NEAR_EXACT:
         return block or BLOCK, 1, None
     if block is not None:
         return block, 0, None
-    if not MIXED_NEAR_FORMS:
+    if not MIXED_NEAR_FORMS or maxima[-1] >= MAX_EXPONENT:  # the smallest fails too: the per-entry form everywhere
         return BLOCK, 1, None
-    exact = _block_exponents(cum, rate, taps, length, BLOCK) >= MAX_EXPONENT
-    if bool(exact.all()):
-        return BLOCK, 1, None
-    return BLOCK, 2, exact.to(torch.int8).contiguous()
+    return BLOCK, 2, (at_block >= MAX_EXPONENT).to(torch.int8).contiguous()
 
 
 def _far(tiles: Tensor, block: int, taps: int) -> Tensor:
@@ -627,12 +635,30 @@ def _launch_plan(
     """The launches of one call: ``(TILES, tiles (n, 2) int32, their block size)``, each output tile in exactly
     one. The reductions' far tiles at :data:`WIDE_FAR_BLOCK` where it applies; with ``separate_far`` far tiles
     (TILES 1) apart from the others (TILES 2), else one launch (TILES 0); ``dense`` adds the tiles above the
-    diagonal (zeros)."""
-    tiles = _tiles(math.ceil(length / block), dense, device)
+    diagonal (zeros). Built on the host and kept per shape: selecting tiles on the GPU synchronises it."""
+    plan = _host_launch_plan(length, block, taps, dense, separate_far, WIDE_FAR_BLOCK)
+    if device.type == "cpu":
+        return plan
+    key = (length, block, taps, dense, separate_far, WIDE_FAR_BLOCK, str(device))
+    if key not in _DEVICE_PLANS:
+        if len(_DEVICE_PLANS) >= 64:  # a few shapes per session; bounded all the same
+            _DEVICE_PLANS.clear()
+        _DEVICE_PLANS[key] = [(kind, tiles.to(device), size) for kind, tiles, size in plan]
+    return _DEVICE_PLANS[key]
+
+
+_DEVICE_PLANS: dict[tuple, list[tuple[int, Tensor, int]]] = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _host_launch_plan(
+    length: int, block: int, taps: int, dense: bool, separate_far: bool, wide: int | None
+) -> list[tuple[int, Tensor, int]]:
+    cpu = torch.device("cpu")
+    tiles = _tiles(math.ceil(length / block), dense, cpu)
     launches = []
-    wide = WIDE_FAR_BLOCK
     if wide is not None and not dense and block < wide and wide % block == 0:
-        wide_tiles = _tiles(math.ceil(length / wide), False, device)
+        wide_tiles = _tiles(math.ceil(length / wide), False, cpu)
         launches.append((1, wide_tiles[_far(wide_tiles, wide, taps)].contiguous(), wide))
         # the small tiles inside a far wide tile are its launch's
         tiles = tiles[~_far(torch.div(tiles, wide // block, rounding_mode="floor"), wide, taps)]
