@@ -23,11 +23,20 @@ from bench_kernel import capture_layer
 SHIPPED = dict(
     FAR_PRODUCT="split", FAR_UNROLL=1, SEPARATE_FAR=None, OVERLAP_NEAR=False, PRODUCT="tf32x3", NUM_STAGES=4,
     DENSE_CHANNELS=16, NUM_WARPS=4, BLOCK=64, FACTOR_KERNEL=True, FACTOR_ROWS=64, FORCE_NEAR_EXACT=False,
-    WIDE_FAR_BLOCK=128, WIDE_FAR_WARPS=8, MIXED_NEAR_FORMS=True,
+    WIDE_FAR_BLOCK=128, WIDE_FAR_WARPS=8, MIXED_NEAR_FORMS=True, PROGRAMS=16 * 132,
 )
 _BLOCK128 = dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2)
 #: module settings per variant, the shipped ones first
 VARIANTS = [SHIPPED] + [{**SHIPPED, **change} for change in [
+    # session 8: partial-sum groups of the reductions (PROGRAMS: groups = ⌈PROGRAMS / tiles⌉; at L = 4096 the
+    # shipped 16·132 gives 2 groups and 7.05 waves of the 128-tile far launch at one program per SM, whose last
+    # wave is nearly empty: 24·132 → 3 groups, 10.6 waves; 40·132 → 5, 17.6), and the tiles next to the diagonal
+    # on a side stream, where they can fill the far launch's last wave
+    dict(PROGRAMS=24 * 132),
+    dict(PROGRAMS=40 * 132),
+    dict(PROGRAMS=56 * 132),
+    dict(OVERLAP_NEAR=True),
+    dict(OVERLAP_NEAR=True, PROGRAMS=24 * 132),
     # most promising first, so that a sweep cut by a time limit still answers the main question.
     # the 128-tile far launch (8 warps): one product of contraction 4N instead of three dependent ones (no spills
     # at 128 with 8 warps, sm_90), two channels per iteration, 16 warps
@@ -157,6 +166,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--dense-length", type=int, default=1024)
+    p.add_argument("--first", type=int, default=None, help="only the first N variants (the shipped one first)")
     a = p.parse_args()
     la = capture_layer(768, a.length)
     grad = torch.randn_like(la.values)
@@ -166,7 +176,7 @@ def main() -> None:
     small = capture_layer(768, a.dense_length)
     with blockwise(triton=False):
         ref = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
-    for variant in VARIANTS:
+    for variant in VARIANTS[: a.first]:
         for key, value in variant.items():
             setattr(ssm_triton, key, value)
         before = compiled_kernels()
@@ -181,7 +191,8 @@ def main() -> None:
         new = [k for key, k in compiled_kernels().items() if key not in before]
         print(f"{variant}: Ā(L={a.length}) {t_agg:.4f} s  dense(L={a.dense_length}) {t_dense:.4f} s  "
               f"rel err {err:.1e}  [{resources(new)}]", flush=True)
-        split_launches = {"SEPARATE_FAR", "FACTOR_KERNEL", "FORCE_NEAR_EXACT", "WIDE_FAR_BLOCK"} & {*variant}
+        split_launches = {"SEPARATE_FAR", "FACTOR_KERNEL", "FORCE_NEAR_EXACT", "WIDE_FAR_BLOCK", "PROGRAMS",
+                          "OVERLAP_NEAR"} & {*variant}
         if variant is SHIPPED or split_launches and variant.get("SEPARATE_FAR") is not True:
             print(f"    Ā launches: {launch_split(lambda: la.aggregate('positive_mean', grad=grad))}", flush=True)
 

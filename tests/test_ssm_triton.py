@@ -116,7 +116,7 @@ FACTOR_BOUND = 1e-6
 
 def check_factor_kernel(attn, reductions=MODE_REDUCTIONS) -> int:
     """Run :func:`kernel_outputs` with every call of the factor kernel checked against the torch reference
-    (``_factors``) on the same inputs: ``Q`` and ``K'`` (as is, or its transposed split into a TF32 high part and a
+    (``_factors``) on the same inputs: ``Q`` and ``K'`` (as is, or split into a TF32 high part and a
     rest) to float32 rounding. Returns the number of calls checked."""
     from captum_implicit.ops import ssm_triton
 
@@ -134,9 +134,9 @@ def check_factor_kernel(attn, reductions=MODE_REDUCTIONS) -> int:
             # the parts sum to the kernel's own unsplit K' within one float32 rounding, not always exactly: compiled,
             # the last multiply of K' (by ρ) can fuse into the subtraction that makes the rest (an FMA), which then
             # holds K' before its rounding (H200, session 6)
-            kt = kernel(ch, block, n_pad, False, head_of=head_of, **factors)[1].transpose(-1, -2)
-            assert ((kh + kl - kt).abs() <= kt.abs() * 2.0**-23).all()
-            assert rel_err(kt, ref_k.transpose(-1, -2)) <= FACTOR_BOUND and not kt[..., states:, :].any(), ch
+            whole = kernel(ch, block, n_pad, False, head_of=head_of, **factors)[1]
+            assert ((kh + kl - whole).abs() <= whole.abs() * 2.0**-23).all()
+            assert rel_err(whole, ref_k) <= FACTOR_BOUND and not whole[..., states:].any(), ch
         else:
             assert kh.numel() == kl.numel() == 0
             assert rel_err(k, ref_k) <= FACTOR_BOUND and not k[..., states:].any(), (rel_err(k, ref_k), ch)

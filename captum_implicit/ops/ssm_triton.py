@@ -59,8 +59,8 @@ BLOCK = 64
 #: recovering float32 accuracy)
 PRODUCT = "tf32x3"
 NUM_WARPS = 4
-#: far tiles: "split" loads the right factor transposed and pre-split into TF32 high and low parts (three TF32
-#: products, the B operands straight from memory, software-pipelined over channels); "fused" does the same
+#: far tiles: "split" loads the right factor pre-split into TF32 high and low parts (three TF32 products, the B
+#: operands straight from memory, software-pipelined over channels); "fused" does the same
 #: three products as ONE TF32 product of contraction 4·N (left operand interleaved in registers, right operand
 #: interleaved in memory, 4x the size of the split parts); "register" applies ``PRODUCT`` to factors held in
 #: registers
@@ -247,8 +247,10 @@ if triton is not None:
         cum_q = tl.load(cum_ptr + base_bc + col_pivot)
         shift = tl.exp((cum_p - cum_q).to(tl.float32) * rate)
         if FAR == 1:
-            # K'ᵀ (N_P, BS) in high and low TF32 parts; the shift moves to Q (it scales the contraction)
-            kt = base_q * N_P + offs_n[:, None] * L + offs_s[None, :]
+            # K'ᵀ (N_P, BS) in high and low TF32 parts; the shift moves to Q (it scales the contraction). Stored
+            # (L, N_P), states contiguous: the product wants them contiguous in shared memory (K-major; TF32 has no
+            # transposed operands), so the pipelined copies move 16 bytes each instead of 4 (from (N_P, L))
+            kt = (base_q + offs_s[None, :]) * N_P + offs_n[:, None]
             kh = tl.load(kh_ptr + kt, mask=mask_s[None, :], other=0.0)
             kl = tl.load(kl_ptr + kt, mask=mask_s[None, :], other=0.0)
             qs = q * shift[None, :]
@@ -434,7 +436,7 @@ if triton is not None:
         HAS_RSC: tl.constexpr, SPLIT: tl.constexpr,
     ):
         """:func:`_factors` for ``BL`` positions of one channel: ``Q`` (``(b, c, L, N_P)``) and ``K'``, as is
-        (``(b, c, L, N_P)``) or, with ``SPLIT``, transposed in TF32 high and low parts (``(b, c, N_P, L)``; the far
+        (``(b, c, L, N_P)``) or, with ``SPLIT``, in TF32 high and low parts (``(b, c, L, N_P)`` each; the far
         tiles read only those). Same operations in the same order as the torch reference; one pass over the
         outputs instead of a dozen over ``(b, c, L, N)`` tensors."""
         tb = tl.program_id(0)
@@ -476,9 +478,8 @@ if triton is not None:
             k = k * tl.load(rsc_ptr + row + offs_t, mask=in_t, other=0.0)[:, None]
         if SPLIT:
             high = _tf32_high(k)
-            out_t = ((b * c_count + lc).to(tl.int64) * N_P + offs_n[None, :]) * L + offs_t[:, None]
-            tl.store(kh_ptr + out_t, high, mask=in_t[:, None])
-            tl.store(kl_ptr + out_t, k - high, mask=in_t[:, None])
+            tl.store(kh_ptr + out, high, mask=in_t[:, None])
+            tl.store(kl_ptr + out, k - high, mask=in_t[:, None])
         else:
             tl.store(k_ptr + out, k, mask=in_t[:, None])
 
@@ -530,7 +531,7 @@ def _kernel_factors(
     ws: Tensor, head_of: Tensor, lsc: Tensor | None, col: Tensor | None, rsc: Tensor | None, weight: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`_factors` by :func:`_factor_kernel`: ``(q, k, kh, kl)``, ``Q`` ``(b, c, L, n_pad)`` float32 and
-    either, if ``split``, ``K'`` transposed ``(b, c, n_pad, L)`` in its TF32 high part and the rest, or ``K'``
+    either, if ``split``, ``K'`` ``(b, c, L, n_pad)`` in its TF32 high part and the rest, or ``K'``
     ``(b, c, L, n_pad)`` as is; placeholders for the others (the kernel reads one form or the other: storing both
     cost a quarter of the factors' memory and writes). Inputs as prepared by :func:`ssm_kernel` (contiguous,
     float32; ``cum`` float64, ``head_of`` int32)."""
@@ -539,8 +540,7 @@ def _kernel_factors(
     q = torch.empty(bsz, count, length, n_pad, dtype=torch.float32, device=cum.device)
     dummy = k = kh = kl = q[:0]
     if split:
-        kh = torch.empty(bsz, count, n_pad, length, dtype=torch.float32, device=cum.device)
-        kl = torch.empty_like(kh)
+        kh, kl = torch.empty_like(q), torch.empty_like(q)
     else:
         k = torch.empty_like(q)
     grid = (math.ceil(length / FACTOR_ROWS), bsz, count)
@@ -560,22 +560,21 @@ def _chunk_factors(
     """The kernel's factor arguments for the channels ``ch``, pivoted at ``block``: ``(q, k, kh, kl, kf)`` with
     placeholders for what ``far_product`` (see :data:`FAR_PRODUCT`) does not read. ``inputs``: as prepared by
     :func:`ssm_kernel`."""
-    split = far_product != "register"  # (b, c, n_pad, L): high TF32 part (low 13 mantissa bits cleared), rest
+    split = far_product != "register"  # (b, c, L, n_pad): high TF32 part (low 13 mantissa bits cleared), rest
     if FACTOR_KERNEL:
         q, k, kh, kl = _kernel_factors(ch, block, n_pad, split, head_of=head_of, **inputs)
     else:
         q, k = _factors(ch, block, n_pad, head_of=head_of.long(), **inputs)
         kh = kl = q[:0]
         if split:  # the far tiles read only the parts (as from _kernel_factors)
-            kt = k.transpose(-1, -2).contiguous()
-            kh = (kt.view(torch.int32) & -8192).view(torch.float32)
-            kl = kt - kh
-            del kt
+            kh = (k.view(torch.int32) & -8192).view(torch.float32)
+            kl = k - kh
             k = q[:0]
     kf = q[:0]  # placeholders (what the kernel does not read) are empty views of q, as in _kernel_factors
     if far_product == "fused":
         # (b, c, 4·n_pad, L): rows [kh_n, kl_n, kh_n, 0] per state n (the kernel's left interleave)
-        bsz, count, _, length = kh.shape
+        bsz, count, length, _ = kh.shape
+        kh, kl = kh.transpose(-1, -2), kl.transpose(-1, -2)
         kf = torch.stack([kh, kl, kh, torch.zeros_like(kh)], dim=-2).reshape(bsz, count, 4 * n_pad, length)
         kh = kl = q[:0]
     return q, k, kh, kl, kf
