@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-from captum_implicit.attr._rollout import rank_one_rollout_row, rollout_row
+from captum_implicit.attr._rollout import rank_one_rollout_row, rollout_first_step, rollout_row, rollout_step
 from captum_implicit.attr._utils import minmax
 
 
@@ -30,6 +30,14 @@ def test_row_normalised_rollout_equals_chefer_compute_rollout_attention() -> Non
             joint = m.bmm(joint)
         got = rollout_row(_start(q, 7), reversed(maps[start_layer:]), row_normalize=True)
         assert rel_err(got, joint[torch.arange(2), q]) < 1e-13
+
+
+@pytest.mark.parametrize("row_normalize", [True, False])
+def test_first_step_from_the_query_rows_alone(row_normalize) -> None:
+    (m,), q = _maps(n_layers=1, b=3), torch.tensor([6, 0, 3])
+    rows = m[torch.arange(3), q]  # all the first layer of a rollout contributes, from one-hot rows
+    want = rollout_step(_start(q, 7), m, row_normalize)
+    assert rel_err(rollout_first_step(_start(q, 7), rows, row_normalize), want) < 1e-15
 
 
 def test_unnormalised_rollout_equals_gae() -> None:

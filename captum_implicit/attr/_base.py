@@ -155,21 +155,27 @@ class ImplicitAttributionMixin:
 
 
 def layer_maps(
-    run: Run, start_layer: int, layer_map: Callable[[LayerAttention], Tensor]
+    run: Run,
+    start_layer: int,
+    layer_map: Callable[[LayerAttention], Tensor],
+    first_rows: Callable[[LayerAttention], Tensor] | None = None,
 ) -> Iterator[Tensor]:
     """Every layer's ``(B, L, L)`` map from ``start_layer`` on, **last first**, padding columns zeroed.
 
     ``layer_map`` turns one captured layer into its map (e.g. ``aggregate("abs_mean")``); a generator, so
-    one map is in memory at a time.
+    one map is in memory at a time. With ``first_rows`` (a layer's ``(B, L)`` query rows, e.g. through
+    :func:`query_rows`) the first item, the last layer's, is those rows instead of its map
+    (:func:`~captum_implicit.attr._rollout.rollout_first_step` needs nothing else).
     """
     if not 0 <= start_layer < len(run.layers):  # checked now, not on the generator's first step
         raise ValueError(f"start_layer={start_layer} out of range for {len(run.layers)} captured layers")
 
     def maps() -> Iterator[Tensor]:
-        for attn in reversed(run.layers[start_layer:]):
-            mat = layer_map(attn)
+        for i, attn in enumerate(reversed(run.layers[start_layer:])):
+            rows = first_rows is not None and i == 0
+            mat = first_rows(attn) if rows else layer_map(attn)
             cols = run.column_mask(attn)
-            yield mat if cols is None else mat * cols
+            yield mat if cols is None else mat * (cols[:, 0] if rows else cols)
 
     return maps()
 

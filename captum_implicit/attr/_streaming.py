@@ -66,18 +66,26 @@ class StreamedRun:
         """Re-run call ``index`` alone under a capture; its attention with ``output_grad`` set."""
         return _recompute(self.calls[index], self.grads[index])
 
-    def maps(self, start_layer: int, layer_map: Callable[[LayerAttention], Tensor]) -> Iterator[Tensor]:
-        """Every layer's ``(B, L, L)`` map from ``start_layer`` on, **last first**, padding columns zeroed."""
+    def maps(
+        self,
+        start_layer: int,
+        layer_map: Callable[[LayerAttention], Tensor],
+        first_rows: Callable[[LayerAttention], Tensor] | None = None,
+    ) -> Iterator[Tensor]:
+        """Every layer's ``(B, L, L)`` map from ``start_layer`` on, **last first**, padding columns zeroed; the
+        last layer's ``(B, L)`` query rows instead of its map with ``first_rows`` (as :func:`._base.layer_maps`)."""
         if not 0 <= start_layer < len(self.calls):
             raise ValueError(f"start_layer={start_layer} out of range for {len(self.calls)} captured layers")
 
         def maps() -> Iterator[Tensor]:
             for index in reversed(range(start_layer, len(self.calls))):
                 attn = self.layer(index)
-                mat = layer_map(attn)
+                rows = first_rows is not None and index == len(self.calls) - 1
+                mat = first_rows(attn) if rows else layer_map(attn)
                 del attn  # drop the factors before the next layer is captured
                 if self.mask is not None and self.mask.shape[1] == mat.shape[-1]:
-                    mat = mat * self.mask.to(device=mat.device, dtype=mat.dtype)[:, None, :]
+                    cols = self.mask.to(device=mat.device, dtype=mat.dtype)
+                    mat = mat * (cols if rows else cols[:, None, :])
                 yield mat
 
         return maps()

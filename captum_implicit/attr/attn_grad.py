@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from ..core.attention import LayerAttention
 from ..ops.blockwise import REDUCTIONS
 
-from ._base import ImplicitAttributionMixin, Run, layer_maps, prepare
-from ._rollout import rollout_row, rollout_step
+from ._base import ImplicitAttributionMixin, Run, layer_maps, prepare, query_rows
+from ._rollout import rollout_first_step, rollout_row
 from ._utils import QueryType, one_hot_rows
 
 
@@ -155,17 +155,24 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
         from ._streaming import streamed_run
 
         with streamed_run(self.forward_func, self.model, inputs, target, afa, query_position) as run, torch.no_grad():
-            maps = run.maps(start_layer, functools.partial(_attn_grad, reduce=reduce))
-            first = next(maps)  # its dtype and device start the row
-            start = one_hot_rows(run.queries, run.length, first.dtype, first.device)
-            row = rollout_step(start, first, row_normalize)
-            del first
-            return rollout_row(row, maps, row_normalize)
+            maps = run.maps(start_layer, functools.partial(_attn_grad, reduce=reduce),
+                            functools.partial(_attn_grad_rows, queries=run.queries, reduce=reduce))
+            rows = next(maps)  # the last layer's query rows; their dtype and device start the row
+            start = one_hot_rows(run.queries, run.length, rows.dtype, rows.device)
+            return rollout_row(rollout_first_step(start, rows, row_normalize), maps, row_normalize)
 
 
 def _attn_grad(attn: LayerAttention, reduce: str = "positive_mean") -> Tensor:
-    grad = attn.output_grad if attn.output_grad is not None else torch.zeros_like(attn.values)
-    return attn.aggregate(reduce, grad=grad)
+    return attn.aggregate(reduce, grad=_output_grad(attn))
+
+
+def _attn_grad_rows(attn: LayerAttention, queries: Tensor, reduce: str = "positive_mean") -> Tensor:
+    """Each example's query row of ``Ā`` (``(B, L)``): all that the first layer of a rollout contributes."""
+    return query_rows(attn, queries, reduce, _output_grad(attn))
+
+
+def _output_grad(attn: LayerAttention) -> Tensor:
+    return attn.output_grad if attn.output_grad is not None else torch.zeros_like(attn.values)
 
 
 def attn_grad_maps(run: Run, start_layer: int, reduce: str = "positive_mean") -> Iterator[Tensor]:
@@ -176,7 +183,9 @@ def attn_grad_maps(run: Run, start_layer: int, reduce: str = "positive_mean") ->
 
 def chefer_relevance(run: Run, start_layer: int, row_normalize: bool, reduce: str = "positive_mean") -> Tensor:
     """Row ``q`` of ``Π (I + Ā_l)`` for every example, ``(B, L)``."""
-    maps = attn_grad_maps(run, start_layer, reduce)  # raises on a bad start_layer before any work
+    # raises on a bad start_layer before any work; the last layer enters through its query rows alone
+    maps = layer_maps(run, start_layer, functools.partial(_attn_grad, reduce=reduce),
+                      functools.partial(_attn_grad_rows, queries=run.queries, reduce=reduce))
     ref = run.layers[0]
     start = one_hot_rows(run.queries, run.length, ref.dtype, ref.device)
-    return rollout_row(start, maps, row_normalize)
+    return rollout_row(rollout_first_step(start, next(maps), row_normalize), maps, row_normalize)

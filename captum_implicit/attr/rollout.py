@@ -11,8 +11,8 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import nn
 
-from ._base import ImplicitAttributionMixin, layer_maps, prepare
-from ._rollout import rollout_row
+from ._base import ImplicitAttributionMixin, layer_maps, prepare, query_rows
+from ._rollout import rollout_first_step, rollout_row
 from ._utils import QueryType, one_hot_rows
 
 
@@ -72,10 +72,12 @@ class ImplicitAttentionRollout(ImplicitAttributionMixin, Attribution):
         """
         is_tuple, inputs_t, afa = prepare(inputs, additional_forward_args)
         run = self._run(inputs_t, target, afa, query_position, grad_to="none")
-        maps = layer_maps(run, start_layer, lambda attn: attn.aggregate(reduce))
+        # the last layer enters through its query rows alone
+        maps = layer_maps(run, start_layer, lambda attn: attn.aggregate(reduce),
+                          lambda attn: query_rows(attn, run.queries, reduce))
         with torch.no_grad():
             ref = run.layers[0]
             start = one_hot_rows(run.queries, run.length, ref.dtype, ref.device)
-            relevance = rollout_row(start, maps, row_normalize=True)
+            relevance = rollout_row(rollout_first_step(start, next(maps), True), maps, row_normalize=True)
         return self._format(relevance, inputs_t, is_tuple)
 
