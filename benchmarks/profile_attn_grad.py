@@ -64,6 +64,15 @@ def main() -> None:
     finally:
         ssm_triton.ssm_kernel = original
 
+    # the caching allocator over one explanation: device allocations (cudaMalloc) after the warm-up are a cost
+    before = torch.cuda.memory_stats()
+    explain()
+    after = torch.cuda.memory_stats()
+    counters = ("num_device_alloc", "num_device_free", "num_alloc_retries", "segment.all.allocated",
+                "segment.all.freed", "oversize_allocations.allocated")
+    allocator = ", ".join(f"{k} +{after.get(k, 0) - before.get(k, 0)}" for k in counters)
+    reserved = after.get("reserved_bytes.all.current", 0) / 2**30
+
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         explain()
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
@@ -75,6 +84,7 @@ def main() -> None:
     print(f"ImplicitAttnGrad, {a.size} ({a.impl}), L={a.length}: wall {wall:.4f} s")
     print(f"  with each ssm_kernel call synchronised: {synced:.4f} s, of which {inside[0]:.4f} s in {calls[0]} calls")
     print(f"  GPU kernels (profiled run): {busy:.4f} s busy")
+    print(f"  allocator over one explanation: {allocator}; {reserved:.1f} GiB reserved")
     print()
     print("| kernel | launches | GPU s | share |")
     print("|---|---|---|---|")

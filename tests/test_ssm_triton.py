@@ -522,3 +522,22 @@ def test_far_tile_variants_in_triton_interpreter():
     """The opt-in far-tile variants (benchmarks/sweep_kernel.py) in Triton's CPU interpreter."""
     pytest.importorskip("triton")
     _run_in_interpreter("interpreter_variant_checks")
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_near_statistics_started_at_capture_on_gpu(monkeypatch):
+    """A captured layer starts the statistics the kernel reads back (so that its call does not wait for the GPU's
+    queue): the same choice of block and forms as computed at the call, and recomputed if BLOCK changed since."""
+    from captum_implicit.ops import ssm_triton
+
+    length = 150
+    attn = spiky_attention("cuda", length, 64)
+    ahead = attn._near_statistics
+    assert ahead is not None and ahead.values.is_pinned()
+    fresh = ssm_triton._near_forms(attn.cum, attn.rate, 4, length)
+    early = ssm_triton._near_forms(attn.cum, attn.rate, 4, length, ahead)
+    assert early[:2] == fresh[:2] == (64, 2) and torch.equal(early[2], fresh[2])
+    monkeypatch.setattr(ssm_triton, "BLOCK", 32)
+    assert ssm_triton._near_forms(attn.cum, attn.rate, 4, length, ahead)[0] == 32  # not the stale block 64
+    compare_with_reference(attn)

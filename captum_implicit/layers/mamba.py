@@ -87,6 +87,10 @@ class MambaAttention(LayerAttention):
         # a single row's factors are (c, L, N) in float64 next to a (c, L) row
         self.cost_factor = 2
         self.row_cost_factor = 2 * rate.shape[-1]
+        # what the kernel reads back to choose its tiles next to the diagonal, started while the forward runs:
+        # read at Ā time it would wait for the GPU's queue to drain, once per layer (None off the GPU)
+        taps = 1 if conv_weight is None else conv_weight.shape[-1]
+        self._near_statistics = ssm_triton.start_near_statistics(cum, rate, taps) if config.triton else None
 
     @functools.cached_property
     def _single_head(self) -> bool:
@@ -127,7 +131,7 @@ class MambaAttention(LayerAttention):
         return ssm_triton.ssm_kernel(
             mode, cum=self.cum, rate=self.rate, read=self.read, write=self.write, write_scale=self.write_scale,
             head_of=self.head_of, skip=self.skip, row_scale=lam, col_scale=self.col_scale, col_values=rho,
-            conv_weight=self.conv_weight,
+            conv_weight=self.conv_weight, near_statistics=self._near_statistics,
         )
 
     def aggregate(self, reduce: str = "mean", grad: Tensor | None = None) -> Tensor:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -104,8 +105,12 @@ FACTOR_ELEMENTS = 1 << 28
 FACTOR_KERNEL = True
 #: positions per program of the factor kernel
 FACTOR_ROWS = 64
-#: programs to aim for when splitting the channel reduction into groups
-PROGRAMS = 16 * 132
+#: programs per multiprocessor to aim for when splitting the channel reduction into partial-sum groups (H200, Ā
+#: of a 130m layer at L = 4096: 16 gave 2 groups and 7.05 waves of the 128-tile far launch, whose last wave is
+#: nearly empty, 15.8 ms; 24 gives 3 groups, 10.6 waves, 14.6 ms; 40 and 56 no better)
+PROGRAMS_PER_SM = 24
+#: programs to aim for in all (``None``: :data:`PROGRAMS_PER_SM` times the GPU's multiprocessors)
+PROGRAMS: int | None = None
 MODES = {"dense": 0, "sum": 1, "abs": 2, "positive": 3, "max_abs": 4}
 FAR_CODES = {"register": 0, "split": 1, "fused": 2}
 
@@ -590,15 +595,55 @@ def _block_exponents(cum: Tensor, rate: Tensor, taps: int, length: int, block: i
     return span * rate.abs().amax(-1).to(torch.float64)[:, None]
 
 
-def _near_statistics(cum: Tensor, rate: Tensor, taps: int, length: int) -> tuple[list[int], list[float], Tensor]:
+def _near_statistics(
+    cum: Tensor, rate: Tensor, taps: int, length: int, ahead: NearStatistics | None = None
+) -> tuple[list[int], list[float], Tensor]:
     """``(blocks, largest exponent per block, exponents at BLOCK)``: the candidate row blocks (BLOCK, BLOCK/2,
     BLOCK/4; at least 16 for ``tl.dot``), the largest exponent of each (see :func:`_block_exponents`) and, last in
     the list, the smallest at BLOCK, all read back at once: each read is a host synchronisation on a GPU, which
-    leaves it idle until the next launch."""
+    leaves it idle until the next launch. ``ahead``: the same started earlier (:func:`start_near_statistics`)."""
+    if ahead is None or ahead.block != BLOCK:
+        ahead = _near_statistics_on_device(cum, rate, taps, length)
+    if ahead.ready is not None:
+        ahead.ready.synchronize()  # waits for the copy alone, not for what was queued after it
+    return ahead.blocks, ahead.values.tolist(), ahead.at_block
+
+
+class NearStatistics(NamedTuple):
+    """The statistics of :func:`_near_statistics`, being copied to the host (``values``: pinned memory, filled by
+    a non-blocking copy that ``ready`` follows; on the CPU a plain tensor and ``ready`` None)."""
+
+    block: int
+    blocks: list[int]
+    values: Tensor
+    ready: Any
+    at_block: Tensor
+
+
+@torch.no_grad()
+def _near_statistics_on_device(cum: Tensor, rate: Tensor, taps: int, length: int) -> NearStatistics:
     blocks = [b for b in (BLOCK, BLOCK // 2, BLOCK // 4) if b >= 16]
+    cum = cum.to(torch.float64)
     at_block = _block_exponents(cum, rate, taps, length, BLOCK)
     others = [_block_exponents(cum, rate, taps, length, b).max() for b in blocks[1:]]
-    return blocks, torch.stack([at_block.max(), *others, at_block.min()]).tolist(), at_block
+    values = torch.stack([at_block.max(), *others, at_block.min()])
+    if values.device.type != "cuda":
+        return NearStatistics(BLOCK, blocks, values, None, at_block)
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return NearStatistics(BLOCK, blocks, host, ready, at_block)
+
+
+def start_near_statistics(cum: Tensor, rate: Tensor, taps: int) -> NearStatistics | None:
+    """Start, on a GPU, what :func:`ssm_kernel` reads back to choose the form of the tiles next to the diagonal
+    (see :func:`_near_forms`), e.g. when a layer is captured: by the time the kernel runs it has arrived, and
+    the kernel call does not wait for the GPU's queue to drain (it would, once per layer, leaving the GPU idle
+    until its next launch). ``None`` off the GPU. Shapes as for :func:`ssm_kernel`."""
+    if cum.device.type != "cuda":
+        return None
+    return _near_statistics_on_device(cum, rate, taps, cum.shape[-1])
 
 
 def _block_for(cum: Tensor, rate: Tensor, taps: int, length: int) -> int | None:
@@ -607,12 +652,14 @@ def _block_for(cum: Tensor, rate: Tensor, taps: int, length: int) -> int | None:
     return next((b for b, m in zip(blocks, maxima, strict=False) if m < MAX_EXPONENT), None)
 
 
-def _near_forms(cum: Tensor, rate: Tensor, taps: int, length: int) -> tuple[int, int, Tensor | None]:
+def _near_forms(
+    cum: Tensor, rate: Tensor, taps: int, length: int, ahead: NearStatistics | None = None
+) -> tuple[int, int, Tensor | None]:
     """The row block and the form of the tiles next to the diagonal: ``(block, NEAR_EXACT, exact)``. The pivoted
     form (0) at the largest block whose exponents all stay below MAX_EXPONENT; else, at BLOCK, the per-entry form
     everywhere (1) or, with :data:`MIXED_NEAR_FORMS`, where the exponents do not stay below it, per batch row,
     channel and row block (2, with ``exact`` the ``(b, C, blocks)`` int8 table; 1 when nowhere do they)."""
-    blocks, maxima, at_block = _near_statistics(cum, rate, taps, length)
+    blocks, maxima, at_block = _near_statistics(cum, rate, taps, length, ahead)
     block = next((b for b, m in zip(blocks, maxima, strict=False) if m < MAX_EXPONENT), None)
     if FORCE_NEAR_EXACT:
         return block or BLOCK, 1, None
@@ -677,6 +724,11 @@ def _products() -> tuple[str, str]:
     return PRODUCT, FAR_PRODUCT
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _tiles(num_blocks: int, upper: bool, device: torch.device) -> Tensor:
     idx = torch.arange(num_blocks, device=device)
     bi, bj = torch.meshgrid(idx, idx, indexing="ij")
@@ -698,6 +750,7 @@ def ssm_kernel(
     col_scale: Tensor | None,
     col_values: Tensor | None,
     conv_weight: Tensor | None,
+    near_statistics: NearStatistics | None = None,
 ) -> Tensor:
     """Run the kernel (any decay magnitudes: see the module docstring).
 
@@ -713,6 +766,9 @@ def ssm_kernel(
     col_values : (b, C, L) or None
         Right scaling ``ρ`` after the conv (the values, for attention × gradient).
     conv_weight : (C, K) or None
+    near_statistics : NearStatistics or None
+        :func:`start_near_statistics` of these ``cum``, ``rate`` and taps, started earlier (else computed here,
+        which on a GPU waits for its queue to drain).
 
     Returns
     -------
@@ -725,7 +781,7 @@ def ssm_kernel(
     # the pivoted form of the tiles next to the diagonal needs an exponent bound; where it fails they take one
     # exponential per entry and state (exact, slower); tiles further left never need it
     cum = cum.to(torch.float64).contiguous()
-    block, near_form, exact_blocks = _near_forms(cum, rate, taps, length)
+    block, near_form, exact_blocks = _near_forms(cum, rate, taps, length, near_statistics)
     f32 = torch.float32
 
     def prep(x: Tensor | None) -> Tensor | None:
@@ -753,7 +809,7 @@ def ssm_kernel(
         out = torch.empty(bsz, nch, length, length, dtype=f32, device=device)
     else:
         # enough programs to fill the GPU; partial sums per channel group, summed (deterministically) after
-        want = PROGRAMS if device.type == "cuda" else 1
+        want = (PROGRAMS or PROGRAMS_PER_SM * _multiprocessors(device)) if device.type == "cuda" else 1
         groups = max(1, min(chunk, math.ceil(want / (sum(len(part) for _, part, _ in launches) * bsz))))
         per_prog = math.ceil(chunk / groups)
         groups = math.ceil(chunk / per_prog)
