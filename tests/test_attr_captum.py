@@ -274,6 +274,34 @@ def test_model_left_exactly_as_it_was(name, frozen) -> None:
     assert (mm.mamba_selective_scan, mm.causal_conv1d_fn) == kernels
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_nothing_captured_outlives_the_call(name, streaming) -> None:
+    """An explanation's captured layers are freed when it returns. A gradient hook on each out-projection's input
+    once held the layer's recording, which holds that tensor: a cycle through the tensor's hook table that
+    Python's collector cannot break, so every call's factors stayed alive (5.8 MB a call on a 3-layer toy, GBs
+    on a GPU at 4096 tokens)."""
+    import gc
+
+    from captum_implicit import LayerAttention
+
+    cls, kw = METHODS[name]
+    if streaming and (cls is not ImplicitAttnGrad or name == "uia"):
+        pytest.skip("streaming is an option of ImplicitAttnGrad's chefer method")
+    model = tiny_mamba_lm(2)
+    ids = torch.randint(1, 40, (2, 6))
+    explainer = cls(model)
+
+    def alive() -> int:
+        gc.collect()
+        return sum(isinstance(o, LayerAttention) for o in gc.get_objects())
+
+    before = alive()
+    for _ in range(2):
+        explainer.attribute(ids, target=4, **kw, **({"streaming": True} if streaming else {}))
+    assert alive() == before
+
+
 def test_frozen_parameters_give_the_same_relevance() -> None:
     model = tiny_mamba_lm(2)
     ids = torch.randint(1, 40, (2, 6))

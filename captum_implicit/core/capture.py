@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -242,13 +243,17 @@ class Capture:
                 return
             rec.output_input = args[0]
             if self.track_grad and args[0].requires_grad:
-                args[0].register_hook(functools.partial(self._store_grad, rec))
+                # a weak reference: the recording holds this tensor (output_input), and a hook holding the
+                # recording would close a cycle through the tensor's hook table that Python's collector cannot
+                # break, keeping every captured factor of the call alive after the explanation
+                args[0].register_hook(functools.partial(self._store_grad, weakref.ref(rec)))
 
         return hook
 
     @staticmethod
-    def _store_grad(rec: Recording, grad: Tensor) -> None:
-        if rec.attention is not None:
+    def _store_grad(rec_ref: weakref.ref[Recording], grad: Tensor) -> None:
+        rec = rec_ref()
+        if rec is not None and rec.attention is not None:
             rec.attention.set_output_grad(grad)
 
     def _recorder(self, qualified: str, original: Callable) -> Callable:
