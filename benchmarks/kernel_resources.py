@@ -36,6 +36,7 @@ def compile_variant(variant: dict, mode: int, tiles: int, *, state: int = 16, ta
         N_P=max(16, triton.next_power_of_2(state)), K=taps, BT=settings["BLOCK"], BS=settings["BLOCK"], MODE=mode,
         HAS_SKIP=True, HAS_LSC=True, HAS_RSC=True, HAS_COL=True, ACCUMULATE=False, PRODUCT=settings["PRODUCT"],
         NEAR_EXACT=0, FAR=ssm_triton.FAR_CODES[settings["FAR_PRODUCT"]], UNROLL=settings["FAR_UNROLL"], TILES=tiles,
+        NEAR_FACTORED=settings.get("NEAR_FROM_FACTORS", False),
     )
     signature, attrs = {}, {}
     for i, name in enumerate(kernel.arg_names):

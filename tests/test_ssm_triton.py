@@ -198,6 +198,19 @@ def test_kernel_matches_reference_on_gpu(case):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("case", sorted(CASES) + ["spiky"])
+def test_near_tiles_from_factors_on_gpu(case, monkeypatch):
+    """NEAR_FROM_FACTORS: the tiles next to the diagonal from the far tiles' factors plus their diagonal band; the
+    spiky case mixes them with the per-entry form."""
+    from captum_implicit.ops import ssm_triton
+
+    monkeypatch.setattr(ssm_triton, "NEAR_FROM_FACTORS", True)
+    attn = spiky_attention("cuda", 600, 64) if case == "spiky" else random_mamba_attention("cuda", **CASES[case])
+    compare_with_reference(attn)
+
+
+@pytest.mark.gpu
+@requires_cuda
 @pytest.mark.parametrize("length", [150, 600])
 def test_kernel_mixes_the_near_tile_forms_on_gpu(length, monkeypatch):
     """One (batch row, channel, row block) too fast for the pivoted form: with MIXED_NEAR_FORMS (the default since
@@ -461,6 +474,25 @@ def interpreter_checks() -> None:
     ssm_triton.MIXED_NEAR_FORMS = True
 
 
+def interpreter_near_factored_checks() -> None:
+    """The checks of :func:`test_near_tiles_from_factors_in_triton_interpreter` (``TRITON_INTERPRET=1`` process):
+    the tiles next to the diagonal from the far tiles' factors plus their diagonal band, against the reference, with
+    and without conv, skip, gate and heads, with two taps, with the per-entry form in some row blocks, and over the
+    far tiles' product variants (split, fused, from registers)."""
+    ssm_triton, attn = _interpreter_case()
+    ssm_triton.NEAR_FROM_FACTORS = True
+    compare_with_reference(attn)
+    for kw in (dict(conv=False), dict(skip=False, gate=False), dict(heads=2), dict(taps=2, length=33)):
+        compare_with_reference(random_mamba_attention("cpu", channels=3, length=kw.pop("length", 40), state=3, **kw))
+    mixed = spiky_attention("cpu", length=40, block=16)
+    assert ssm_triton._near_forms(mixed.cum, mixed.rate, 4, 40)[1] == 2
+    compare_with_reference(mixed)
+    ssm_triton.FAR_PRODUCT = "fused"
+    compare_with_reference(attn)
+    ssm_triton.FAR_PRODUCT, ssm_triton.PRODUCT = "register", "ieee"
+    compare_with_reference(attn)
+
+
 def interpreter_variant_checks() -> None:
     """The checks of :func:`test_far_tile_variants_in_triton_interpreter` (``TRITON_INTERPRET=1`` process): the
     3 channels in one program (a pair, then the odd one), then 2 + 1 over two launches; bit for bit where the
@@ -516,6 +548,12 @@ def test_kernel_logic_in_triton_interpreter():
     """CI has no GPU: run small cases of the kernel in Triton's CPU interpreter (TF32 products emulated)."""
     pytest.importorskip("triton")
     _run_in_interpreter("interpreter_checks")
+
+
+def test_near_tiles_from_factors_in_triton_interpreter():
+    """NEAR_FROM_FACTORS (the tiles next to the diagonal from the far tiles' factors) in Triton's CPU interpreter."""
+    pytest.importorskip("triton")
+    _run_in_interpreter("interpreter_near_factored_checks")
 
 
 def test_far_tile_variants_in_triton_interpreter():

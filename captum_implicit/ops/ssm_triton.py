@@ -76,6 +76,11 @@ SEPARATE_FAR: bool | None = None
 #: with separate launches on CUDA, run the launch of the tiles next to the diagonal (few programs, each long) on a
 #: side stream, first, concurrently with the far launch (the tiles are disjoint), as the single launch overlapped them
 OVERLAP_NEAR = False
+#: the pivoted form of the tiles next to the diagonal from the far tiles' precomputed factors: one product of ``Q``
+#: and ``K'`` (every tap) where all taps are causal, and the ``K − 1`` diagonals below the main one (where some taps
+#: are not) from the causal taps, one exponential per row, state and offset (:func:`_near_tile_factored`); False:
+#: one product per tap, each masked (:func:`_near_tile_pivoted`)
+NEAR_FROM_FACTORS = False
 #: software-pipelining stages of the channel loop
 NUM_STAGES = 4
 #: channels per program in dense mode (each writes its own tiles; more per program amortises the setup)
@@ -334,14 +339,77 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _near_tile_factored(
+        q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr,
+        rsc_ptr, col_ptr, w_ptr,
+        b, c, lc, c_count, pivot, col_pivot, base_bc, base_bh, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, L, C, N,
+        N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, HAS_SKIP: tl.constexpr,
+        HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr, PRODUCT: tl.constexpr,
+        FAR: tl.constexpr,
+    ):
+        """A tile touching the row block (pivoted form: needs the exponent bound), λ and ρ included. Where every tap
+        is causal (``t − s ≥ K − 1``) it is the far tiles' product of ``Q`` and ``K'`` (:func:`_far_tile`; the shift
+        ``e^{a (cum_p − cum_q)}`` is ≥ 1 here, below ``e^{MAX_EXPONENT}``). On the diagonals ``t − s = d < K − 1``
+        only the taps ``j ≤ d`` reach ``s + j ≤ t``: ``Σ_{j ≤ d} w_{K-1-j} core[t, t − d + j]``, where
+        ``core[t, t + o]`` (``o = j − d ≤ 0``) takes one exponential per row and state, exponent
+        ``a (cum_t − cum_{t+o}) ≤ 0``; plus the skip ``D`` where ``s + j = t``. Above the diagonal: zero."""
+        m = _far_tile(
+            q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+            b, c, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, L, C, N,
+            N_P, BT, BS, PRODUCT, FAR,
+        )
+        diff = offs_t[:, None] - offs_s[None, :]
+        m = tl.where(diff >= K - 1, m, 0.0)
+        lam = tl.full((BT,), 1.0, dtype=tl.float32)
+        if HAS_LSC:
+            lam = tl.load(lsc_ptr + base_bc + offs_t, mask=mask_t, other=0.0)
+        band = tl.zeros((BT, BS), dtype=tl.float32)
+        if K > 1:
+            rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
+            cum_t = tl.load(cum_ptr + base_bc + offs_t, mask=mask_t, other=0.0)
+            c_t = tl.load(
+                read_ptr + (base_bh + offs_t[:, None]) * N + offs_n[None, :],
+                mask=mask_t[:, None] & mask_n[None, :], other=0.0,
+            )
+            for i in tl.static_range(K - 1):  # offset o = −i of the column s + j from the row t
+                src = offs_t - i
+                ok = mask_t & (src >= 0)
+                b_src = tl.load(
+                    write_ptr + (base_bh + src[:, None]) * N + offs_n[None, :],
+                    mask=ok[:, None] & mask_n[None, :], other=0.0,
+                )
+                if i == 0:
+                    core = tl.sum(c_t * b_src, axis=1)
+                else:
+                    cum_src = tl.load(cum_ptr + base_bc + src, mask=ok, other=0.0)
+                    decay = tl.exp(tl.where(ok, (cum_t - cum_src).to(tl.float32), 0.0)[:, None] * rate[None, :])
+                    core = tl.sum(c_t * decay * b_src, axis=1)
+                core = core * lam * tl.load(ws_ptr + base_bc + src, mask=ok, other=0.0)
+                if HAS_COL:
+                    core = core * tl.load(col_ptr + base_bc + src, mask=ok, other=0.0)
+                for j in tl.static_range(K - 1 - i):  # tap j on the diagonal d = j + i
+                    tap = tl.load(w_ptr + c * K + (K - 1 - j))
+                    band += tl.where(diff == j + i, (core * tap)[:, None], 0.0)
+        if HAS_SKIP:  # D where s + j = t: the diagonal d = j, tap j
+            d_row = tl.load(skip_ptr + c) * lam
+            if HAS_COL:
+                d_row = d_row * tl.load(col_ptr + base_bc + offs_t, mask=mask_t, other=0.0)
+            for j in tl.static_range(K):
+                tap = tl.load(w_ptr + c * K + (K - 1 - j))
+                band += tl.where(diff == j, (d_row * tap)[:, None], 0.0)
+        if HAS_RSC:
+            band = band * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
+        return m + band
+
+    @triton.jit
     def _near_channels(
-        acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
+        acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
         skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr, exact_ptr,
-        b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
+        b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
         L, C, H, N, NB, s_ob, s_oc, s_ot,
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
-        PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr,
+        PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr, FAR: tl.constexpr, NEAR_FACTORED: tl.constexpr,
     ):
         """Channels ``[lc0, lc1)`` of a tile touching the row block, emitted into ``acc``. ``NEAR_EXACT``: 0 the
         pivoted form, 1 the per-entry form, 2 per channel and row block as ``exact_ptr`` ``(b, C, NB)`` says."""
@@ -361,14 +429,23 @@ if triton is not None:
                     base_bc, base_bh, c, offs_t, offs_s, mask_t, L, N,
                     N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL,
                 )
+                if HAS_RSC:
+                    m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
+            elif NEAR_FACTORED:  # ρ included (the factors carry it)
+                m = _near_tile_factored(
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, skip_ptr,
+                    lsc_ptr, rsc_ptr, col_ptr, w_ptr,
+                    b, c, lc, c_count, pivot, col_pivot, base_bc, base_bh, offs_t, offs_s, offs_n, mask_t, mask_s,
+                    mask_n, L, C, N, N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_RSC, HAS_COL, PRODUCT, FAR,
+                )
             else:
                 m = _near_tile_pivoted(
                     q_ptr, cum_ptr, rate_ptr, write_ptr, ws_ptr, skip_ptr, lsc_ptr, col_ptr, w_ptr,
                     base_bc, base_bh, base_q, c, pivot, offs_t, offs_s, offs_n, mask_t, mask_n, L, N,
                     N_P, K, BT, BS, HAS_SKIP, HAS_LSC, HAS_COL, PRODUCT,
                 )
-            if HAS_RSC:
-                m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
+                if HAS_RSC:
+                    m = m * tl.load(rsc_ptr + base_bc + offs_s, mask=mask_s, other=0.0)[None, :]
             acc = _emit(acc, m, _tile_ptrs(out_ptr, b, c, offs_t, offs_s, s_ob, s_oc, s_ot), mask_ts, MODE)
         return acc
 
@@ -381,7 +458,7 @@ if triton is not None:
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
         ACCUMULATE: tl.constexpr, PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr, FAR: tl.constexpr,
-        UNROLL: tl.constexpr, TILES: tl.constexpr,
+        UNROLL: tl.constexpr, TILES: tl.constexpr, NEAR_FACTORED: tl.constexpr,
     ):
         # TILES: 0 any tile, 1 only far tiles, 2 only the others (touching the row block, or above it)
         tile = tl.program_id(0)
@@ -424,11 +501,11 @@ if triton is not None:
                 )
             else:
                 acc = _near_channels(
-                    acc, out_ptr, q_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr, head_ptr,
-                    skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr, exact_ptr,
-                    b, lc0, lc1, c_base, c_count, pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
-                    L, C, H, N, NB, s_ob, s_oc, s_ot,
-                    N_P, K, BT, BS, MODE, HAS_SKIP, HAS_LSC, HAS_RSC, HAS_COL, PRODUCT, NEAR_EXACT,
+                    acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr, read_ptr, write_ptr, ws_ptr,
+                    head_ptr, skip_ptr, lsc_ptr, rsc_ptr, col_ptr, w_ptr, exact_ptr,
+                    b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n,
+                    mask_ts, L, C, H, N, NB, s_ob, s_oc, s_ot,
+                    N_P, K, BT, BS, MODE, HAS_SKIP, HAS_LSC, HAS_RSC, HAS_COL, PRODUCT, NEAR_EXACT, FAR, NEAR_FACTORED,
                 )
             if MODE != 0:
                 tl.store(out_tile, acc, mask=mask_ts)
@@ -842,7 +919,8 @@ def ssm_kernel(
                     HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
                     HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=product,
                     NEAR_EXACT=near_form, FAR=FAR_CODES[far_product], UNROLL=FAR_UNROLL,
-                    TILES=kind, num_warps=(WIDE_FAR_WARPS or NUM_WARPS) if blk > block else NUM_WARPS,
+                    TILES=kind, NEAR_FACTORED=NEAR_FROM_FACTORS,
+                    num_warps=(WIDE_FAR_WARPS or NUM_WARPS) if blk > block else NUM_WARPS,
                     num_stages=NUM_STAGES,
                 )
         if side is not None:
