@@ -24,14 +24,15 @@ SHIPPED = dict(
     FAR_PRODUCT="split", FAR_UNROLL=1, SEPARATE_FAR=None, OVERLAP_NEAR=False, PRODUCT="tf32x3", NUM_STAGES=4,
     DENSE_CHANNELS=16, NUM_WARPS=4, BLOCK=64, FACTOR_KERNEL=True, FACTOR_ROWS=64, FORCE_NEAR_EXACT=False,
     WIDE_FAR_BLOCK=128, WIDE_FAR_WARPS=8, MIXED_NEAR_FORMS=True, PROGRAMS=None,
-    PROGRAMS_PER_SM=24, NEAR_FROM_FACTORS=False,
+    PROGRAMS_PER_SM=24, NEAR_FROM_FACTORS=True,
 )
 _BLOCK128 = dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2)
 #: module settings per variant, the shipped ones first
 VARIANTS = [SHIPPED] + [{**SHIPPED, **change} for change in [
-    # session 8: the tiles next to the diagonal from the far tiles' factors and a diagonal band (168 registers, no
-    # spills, against 255 and 40 B spilled, compiled for sm_90)
-    dict(NEAR_FROM_FACTORS=True),
+    # session 8: the tiles next to the diagonal one product per tap (the default until session 8; 255 registers and
+    # 40 B spilled, sm_90) instead of from the far tiles' factors and a diagonal band (168, none): near launch 5.0 ms
+    # against 2.8, Ā 0.0141 s against 0.0118 (H200)
+    dict(NEAR_FROM_FACTORS=False),
     # session 8: partial-sum groups of the reductions (groups = ⌈programs / tiles⌉). Shipped until session 8: 16
     # programs per SM, i.e. at L = 4096 2 groups and 7.05 waves of the 128-tile far launch at one program per SM,
     # whose last wave is nearly empty (Ā 0.0158 s; 24 per SM: 3 groups, 10.6 waves, 0.0146 s; 40 and 56 per SM: 5

@@ -198,13 +198,15 @@ def test_kernel_matches_reference_on_gpu(case):
 
 @pytest.mark.gpu
 @requires_cuda
+@pytest.mark.parametrize("from_factors", [True, False])
 @pytest.mark.parametrize("case", sorted(CASES) + ["spiky"])
-def test_near_tiles_from_factors_on_gpu(case, monkeypatch):
-    """NEAR_FROM_FACTORS: the tiles next to the diagonal from the far tiles' factors plus their diagonal band; the
-    spiky case mixes them with the per-entry form."""
+def test_near_tile_forms_on_gpu(case, from_factors, monkeypatch):
+    """The pivoted tiles next to the diagonal from the far tiles' factors plus their diagonal band
+    (NEAR_FROM_FACTORS, the default since this passed on the GPU, session 8) or one product per tap; the spiky case
+    mixes them with the per-entry form."""
     from captum_implicit.ops import ssm_triton
 
-    monkeypatch.setattr(ssm_triton, "NEAR_FROM_FACTORS", True)
+    monkeypatch.setattr(ssm_triton, "NEAR_FROM_FACTORS", from_factors)
     attn = spiky_attention("cuda", 600, 64) if case == "spiky" else random_mamba_attention("cuda", **CASES[case])
     compare_with_reference(attn)
 
@@ -474,12 +476,15 @@ def interpreter_checks() -> None:
     ssm_triton.MIXED_NEAR_FORMS = True
 
 
-def interpreter_near_factored_checks() -> None:
-    """The checks of :func:`test_near_tiles_from_factors_in_triton_interpreter` (``TRITON_INTERPRET=1`` process):
-    the tiles next to the diagonal from the far tiles' factors plus their diagonal band, against the reference, with
-    and without conv, skip, gate and heads, with two taps, with the per-entry form in some row blocks, and over the
-    far tiles' product variants (split, fused, from registers)."""
+def interpreter_near_form_checks() -> None:
+    """The checks of :func:`test_near_tile_forms_in_triton_interpreter` (``TRITON_INTERPRET=1`` process): the
+    tiles next to the diagonal from the far tiles' factors plus their diagonal band (NEAR_FROM_FACTORS, the default)
+    against the reference, with and without conv, skip, gate and heads, with two taps, with the per-entry form in
+    some row blocks, and over the far tiles' product variants (split, fused, from registers); then one product per
+    tap (the opt-in form)."""
     ssm_triton, attn = _interpreter_case()
+    ssm_triton.NEAR_FROM_FACTORS = False
+    compare_with_reference(attn)
     ssm_triton.NEAR_FROM_FACTORS = True
     compare_with_reference(attn)
     for kw in (dict(conv=False), dict(skip=False, gate=False), dict(heads=2), dict(taps=2, length=33)):
@@ -550,10 +555,10 @@ def test_kernel_logic_in_triton_interpreter():
     _run_in_interpreter("interpreter_checks")
 
 
-def test_near_tiles_from_factors_in_triton_interpreter():
-    """NEAR_FROM_FACTORS (the tiles next to the diagonal from the far tiles' factors) in Triton's CPU interpreter."""
+def test_near_tile_forms_in_triton_interpreter():
+    """Both pivoted forms of the tiles next to the diagonal (NEAR_FROM_FACTORS) in Triton's CPU interpreter."""
     pytest.importorskip("triton")
-    _run_in_interpreter("interpreter_near_factored_checks")
+    _run_in_interpreter("interpreter_near_form_checks")
 
 
 def test_far_tile_variants_in_triton_interpreter():
