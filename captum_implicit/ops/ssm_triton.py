@@ -727,7 +727,12 @@ def start_near_statistics(cum: Tensor, rate: Tensor, taps: int) -> NearStatistic
 
 def _block_for(cum: Tensor, rate: Tensor, taps: int, length: int) -> int | None:
     """Largest row block (64 or 32, at least 16 for ``tl.dot``) whose exponents stay below MAX_EXPONENT."""
-    blocks, maxima, _ = _near_statistics(cum, rate, taps, length)
+    return _largest_passing(*_near_statistics(cum, rate, taps, length)[:2])
+
+
+def _largest_passing(blocks: list[int], maxima: list[float]) -> int | None:
+    """The first (largest) of ``blocks`` whose largest exponent stays below MAX_EXPONENT (``maxima`` may carry more
+    statistics after them)."""
     return next((b for b, m in zip(blocks, maxima, strict=False) if m < MAX_EXPONENT), None)
 
 
@@ -739,7 +744,7 @@ def _near_forms(
     everywhere (1) or, with :data:`MIXED_NEAR_FORMS`, where the exponents do not stay below it, per batch row,
     channel and row block (2, with ``exact`` the ``(b, C, blocks)`` int8 table; 1 when nowhere do they)."""
     blocks, maxima, at_block = _near_statistics(cum, rate, taps, length, ahead)
-    block = next((b for b, m in zip(blocks, maxima, strict=False) if m < MAX_EXPONENT), None)
+    block = _largest_passing(blocks, maxima)
     if FORCE_NEAR_EXACT:
         return block or BLOCK, 1, None
     if block is not None:
