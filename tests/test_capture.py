@@ -172,8 +172,12 @@ def test_user_registered_layer_class_is_captured():
         build=lambda module, rec, name: ToyAttention(name, rec.args[0].transpose(1, 2)[..., None].double()),
         output_module=None,
     )
+    from captum_implicit.core.registry import find_adapter
+
+    assert find_adapter(Toy()) is None  # looked up (and remembered per class) before the registration
     ci.register_adapter(adapter)
     try:
+        assert find_adapter(Toy()) is adapter
         model = torch.nn.Sequential(Toy())
         x = torch.randn(2, 5, 3, dtype=torch.float64)
         (la,) = ci.implicit_attention(model, x)
@@ -181,6 +185,7 @@ def test_user_registered_layer_class_is_captured():
         assert torch.allclose(la.output(), model(x))
     finally:
         ci.unregister_adapter(adapter)
+    assert find_adapter(Toy()) is None
 
 
 def _hub_wrapper(torch_function, implementation):
