@@ -155,8 +155,7 @@ class ImplicitAttnGrad(ImplicitAttributionMixin, GradientAttribution):
         from ._streaming import streamed_run
 
         with streamed_run(self.forward_func, self.model, inputs, target, afa, query_position) as run, torch.no_grad():
-            maps = run.maps(start_layer, functools.partial(_attn_grad, reduce=reduce),
-                            functools.partial(_attn_grad_rows, queries=run.queries, reduce=reduce))
+            maps = run.maps(start_layer, *_map_and_rows(run.queries, reduce))
             rows = next(maps)  # the last layer's query rows; their dtype and device start the row
             start = one_hot_rows(run.queries, run.length, rows.dtype, rows.device)
             return rollout_row(rollout_first_step(start, rows, row_normalize), maps, row_normalize)
@@ -175,6 +174,12 @@ def _output_grad(attn: LayerAttention) -> Tensor:
     return attn.output_grad if attn.output_grad is not None else torch.zeros_like(attn.values)
 
 
+def _map_and_rows(queries: Tensor, reduce: str) -> tuple[Callable, Callable]:
+    """A layer's ``Ā`` and its query rows, as ``layer_map`` and ``first_rows`` of the map generators."""
+    rows = functools.partial(_attn_grad_rows, queries=queries, reduce=reduce)
+    return functools.partial(_attn_grad, reduce=reduce), rows
+
+
 def attn_grad_maps(run: Run, start_layer: int, reduce: str = "positive_mean") -> Iterator[Tensor]:
     """``Ā_l`` (``(B, L, L)``, padding columns zeroed) for the layers from ``start_layer``, last first."""
 
@@ -184,8 +189,7 @@ def attn_grad_maps(run: Run, start_layer: int, reduce: str = "positive_mean") ->
 def chefer_relevance(run: Run, start_layer: int, row_normalize: bool, reduce: str = "positive_mean") -> Tensor:
     """Row ``q`` of ``Π (I + Ā_l)`` for every example, ``(B, L)``."""
     # raises on a bad start_layer before any work; the last layer enters through its query rows alone
-    maps = layer_maps(run, start_layer, functools.partial(_attn_grad, reduce=reduce),
-                      functools.partial(_attn_grad_rows, queries=run.queries, reduce=reduce))
+    maps = layer_maps(run, start_layer, *_map_and_rows(run.queries, reduce))
     ref = run.layers[0]
     start = one_hot_rows(run.queries, run.length, ref.dtype, ref.device)
     return rollout_row(rollout_first_step(start, next(maps), row_normalize), maps, row_normalize)

@@ -88,9 +88,9 @@ class MambaAttention(LayerAttention):
         self.cost_factor = 2
         self.row_cost_factor = 2 * rate.shape[-1]
         # what the kernel reads back to choose its tiles next to the diagonal, started while the forward runs:
-        # read at Ā time it would wait for the GPU's queue to drain, once per layer (None off the GPU)
+        # read at Ā time it would wait for the GPU's queue to drain, once per layer (None where no kernel runs)
         taps = 1 if conv_weight is None else conv_weight.shape[-1]
-        self._near_statistics = ssm_triton.start_near_statistics(cum, rate, taps) if config.triton else None
+        self._near_statistics = ssm_triton.start_near_statistics(cum, rate, taps) if self._kernel_runs() else None
 
     @functools.cached_property
     def _single_head(self) -> bool:
@@ -119,9 +119,13 @@ class MambaAttention(LayerAttention):
         return out
 
     # ------------------------------------------------ fused kernel (CUDA, float32)
+    def _kernel_runs(self) -> bool:
+        """Whether the Triton kernel applies (CPU, float64: the torch path runs)."""
+        return config.triton and self.dtype == torch.float32 and ssm_triton.available(self.device)
+
     def _kernel(self, mode: str, grad: Tensor | None) -> Tensor | None:
-        """The Triton kernel's result, or ``None`` where it does not apply (CPU, float64: the torch path runs)."""
-        if not (config.triton and self.dtype == torch.float32 and ssm_triton.available(self.device)):
+        """The Triton kernel's result, or ``None`` where it does not apply (:meth:`_kernel_runs`)."""
+        if not self._kernel_runs():
             return None
         lam, rho = self.row_scale, None
         if grad is not None:

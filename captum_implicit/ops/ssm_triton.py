@@ -766,23 +766,12 @@ def _launch_plan(
     one. The reductions' far tiles at :data:`WIDE_FAR_BLOCK` where it applies; with ``separate_far`` far tiles
     (TILES 1) apart from the others (TILES 2), else one launch (TILES 0); ``dense`` adds the tiles above the
     diagonal (zeros). Built on the host and kept per shape: selecting tiles on the GPU synchronises it."""
-    plan = _host_launch_plan(length, block, taps, dense, separate_far, WIDE_FAR_BLOCK)
-    if device.type == "cpu":
-        return plan
-    key = (length, block, taps, dense, separate_far, WIDE_FAR_BLOCK, str(device))
-    if key not in _DEVICE_PLANS:
-        if len(_DEVICE_PLANS) >= 64:  # a few shapes per session; bounded all the same
-            _DEVICE_PLANS.clear()
-        _DEVICE_PLANS[key] = [(kind, tiles.to(device), size) for kind, tiles, size in plan]
-    return _DEVICE_PLANS[key]
-
-
-_DEVICE_PLANS: dict[tuple, list[tuple[int, Tensor, int]]] = {}
+    return _cached_launch_plan(length, block, taps, dense, separate_far, WIDE_FAR_BLOCK, device)
 
 
 @functools.lru_cache(maxsize=64)
-def _host_launch_plan(
-    length: int, block: int, taps: int, dense: bool, separate_far: bool, wide: int | None
+def _cached_launch_plan(
+    length: int, block: int, taps: int, dense: bool, separate_far: bool, wide: int | None, device: torch.device
 ) -> list[tuple[int, Tensor, int]]:
     cpu = torch.device("cpu")
     tiles = _tiles(math.ceil(length / block), dense, cpu)
@@ -797,7 +786,7 @@ def _host_launch_plan(
         launches += [(kind, part.contiguous(), block) for kind, part in ((1, tiles[far]), (2, tiles[~far]))]
     else:
         launches.append((0, tiles, block))
-    return [launch for launch in launches if len(launch[1])]
+    return [(kind, part.to(device), size) for kind, part, size in launches if len(part)]
 
 
 def _products() -> tuple[str, str]:
