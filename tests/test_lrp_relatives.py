@@ -501,6 +501,19 @@ def test_glm5_clamps_engage():
 GPU_SIZES = {"bailing_hybrid": dict(qk_dim=4, head_dim=8, kv_rank=8)}
 
 
+def build_or_skip(name: str, build, **kwargs) -> torch.nn.Module:
+    """``build(**kwargs)``, skipped where the installed transformers predates the family or its layer types (the GPU
+    machine's transformers is older than CI's); any other error is raised."""
+    try:
+        return build(**kwargs)
+    except Exception as error:
+        text = str(error)
+        if "module transformers has no attribute" not in text and "layer_types" not in text \
+                and "layer types" not in text:
+            raise
+        pytest.skip(f"{name}: not in transformers {transformers.__version__} ({text.splitlines()[-1][:120]})")
+
+
 @pytest.mark.gpu
 @requires_cuda
 @pytest.mark.parametrize("family", sorted(BUILD))
@@ -508,13 +521,6 @@ def test_gpu_canonized_model(family):
     """On CUDA transformers may call fused kernels (fla's chunked delta rule / KDA, causal-conv1d); the LRP forms
     run HF's torch paths for the relevance (HF's own kernel for the delta rule's value), so logits agree to float32
     rounding and relevance conserves to float32 rounding."""
-    try:
-        model = BUILD[family](seed=8, dtype=torch.float32, **GPU_SIZES.get(family, {})).cuda()
-    except Exception as error:  # the GPU machine's transformers may predate the family or its layer types
-        text = str(error)
-        if "module transformers has no attribute" not in text and "layer_types" not in text \
-                and "layer types" not in text:
-            raise
-        pytest.skip(f"{family}: not in transformers {transformers.__version__} ({text.splitlines()[-1][:120]})")
+    model = build_or_skip(family, BUILD[family], seed=8, dtype=torch.float32, **GPU_SIZES.get(family, {})).cuda()
     ids = torch.randint(1, VOCAB, (2, 32), device="cuda")
     check_gpu_canonized_logits(model, ids, torch.tensor([1, 2], device="cuda"))
