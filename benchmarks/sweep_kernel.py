@@ -24,11 +24,15 @@ SHIPPED = dict(
     FAR_PRODUCT="split", FAR_UNROLL=1, SEPARATE_FAR=None, OVERLAP_NEAR=False, PRODUCT="tf32x3", NUM_STAGES=4,
     DENSE_CHANNELS=16, NUM_WARPS=4, BLOCK=64, FACTOR_KERNEL=True, FACTOR_ROWS=64, FORCE_NEAR_EXACT=False,
     WIDE_FAR_BLOCK=128, WIDE_FAR_WARPS=8, MIXED_NEAR_FORMS=True, PROGRAMS=None,
-    PROGRAMS_PER_SM=24, NEAR_FROM_FACTORS=True,
+    PROGRAMS_PER_SM=24, NEAR_FROM_FACTORS=True, MIXED_BLOCK=32,
 )
 _BLOCK128 = dict(BLOCK=128, NUM_WARPS=8, NUM_STAGES=2)
 #: module settings per variant, the shipped ones first
 VARIANTS = [SHIPPED] + [{**SHIPPED, **change} for change in [
+    # session 9 (--layer hf_spikes): where no block passes the pivoted form's bound, the mixed forms at 64 (shipped
+    # until session 9; the near launch spills) or at 16 instead of 32
+    dict(MIXED_BLOCK=64),
+    dict(MIXED_BLOCK=16),
     # session 8: the tiles next to the diagonal one product per tap (the default until session 8; 255 registers and
     # 40 B spilled, sm_90) instead of from the far tiles' factors and a diagonal band (168, none): near launch 5.0 ms
     # against 2.8, Ā 0.0141 s against 0.0118 (H200)
@@ -170,16 +174,29 @@ def main() -> None:
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--dense-length", type=int, default=1024)
     p.add_argument("--first", type=int, default=None, help="only the first N variants (the shipped one first)")
+    p.add_argument("--only", default=None, help="only these variants (comma-separated indices; 0 is the shipped one)")
+    p.add_argument("--layer", default="mamba_ssm", choices=["mamba_ssm", "hf_spikes"],
+                   help="a mamba-ssm Mamba layer, or HF's random-init mixer of bench_matrix.py (Δ spikes: many row "
+                   "blocks fail the pivoted form's bound)")
     a = p.parse_args()
-    la = capture_layer(768, a.length)
+    if a.layer == "hf_spikes":
+        from bench_matrix import mixer_and_capture
+
+        def capture(length):
+            return mixer_and_capture(length, "cuda", published_terms_only=False)[0]
+    else:
+        def capture(length):
+            return capture_layer(768, length)
+    la = capture(a.length)
     grad = torch.randn_like(la.values)
     taps = la.conv_weight.shape[-1]
-    print(f"tiles next to the diagonal at block {ssm_triton._block_for(la.cum, la.rate, taps, a.length)} "
-          f"(None: the per-entry form)", flush=True)
-    small = capture_layer(768, a.dense_length)
+    print(f"tiles next to the diagonal: (block, form) {ssm_triton._near_forms(la.cum, la.rate, taps, a.length)[:2]} "
+          f"(form 0 pivoted, 1 per-entry, 2 mixed)", flush=True)
+    small = capture(a.dense_length)
     with blockwise(triton=False):
         ref = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
-    for variant in VARIANTS[: a.first]:
+    chosen = VARIANTS[: a.first] if a.only is None else [VARIANTS[int(i)] for i in a.only.split(",")]
+    for variant in chosen:
         for key, value in variant.items():
             setattr(ssm_triton, key, value)
         before = compiled_kernels()
@@ -198,9 +215,10 @@ def main() -> None:
         # names every setting: the shipped ones restore what an earlier variant changed)
         changed = {key for key, value in variant.items() if SHIPPED[key] != value}
         split_launches = {"SEPARATE_FAR", "FACTOR_KERNEL", "FORCE_NEAR_EXACT", "WIDE_FAR_BLOCK",
-                          "PROGRAMS_PER_SM", "OVERLAP_NEAR", "NEAR_FROM_FACTORS"} & changed
+                          "PROGRAMS_PER_SM", "OVERLAP_NEAR", "NEAR_FROM_FACTORS", "BLOCK", "MIXED_BLOCK"} & changed
         if variant is SHIPPED or split_launches and variant.get("SEPARATE_FAR") is not True:
             print(f"    Ā launches: {launch_split(lambda: la.aggregate('positive_mean', grad=grad))}", flush=True)
+            print(f"    dense launches: {launch_split(small.dense)}", flush=True)
 
 if __name__ == "__main__":
     main()

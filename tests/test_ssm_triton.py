@@ -384,6 +384,22 @@ def spiky_attention(device: str, length: int, block: int):
     return attn
 
 
+def test_mixed_forms_take_their_own_block(monkeypatch):
+    """Where no candidate block passes the pivoted form's bound, the mixed forms run at MIXED_BLOCK (32: at 64 the
+    launch holding both forms spills, session 9), not at BLOCK: the table of row blocks taking the per-entry form is
+    the one at that block, and BLOCK caps it."""
+    from captum_implicit.ops import ssm_triton
+
+    attn = spiky_attention("cpu", 150, 32)  # the spike fails exactly one row block at 32
+    block, form, table = ssm_triton._near_forms(attn.cum, attn.rate, 4, 150)
+    assert (block, form) == (32, 2) and table.shape == (2, 3, 5) and table.sum() == 1 and table[1, 2, 1] == 1
+    monkeypatch.setattr(ssm_triton, "MIXED_BLOCK", 64)
+    block, form, table = ssm_triton._near_forms(attn.cum, attn.rate, 4, 150)
+    assert (block, form) == (64, 2) and table.shape == (2, 3, 3) and table.sum() >= 1
+    monkeypatch.setattr(ssm_triton, "BLOCK", 16)
+    assert ssm_triton._near_forms(attn.cum, attn.rate, 4, 150)[:2] == (16, 2)
+
+
 def wide_far_case(device: str, length: int, block: int, **kw):
     """A layer whose tiles next to the diagonal need ``block`` (the pivoted form's bound fails at the sizes above
     it), so that WIDE_FAR_BLOCK can put the far tiles at a larger one: the smallest decay rates that do."""
@@ -580,7 +596,7 @@ def test_near_statistics_started_at_capture_on_gpu(monkeypatch):
     assert ahead is not None and ahead.values.is_pinned()
     fresh = ssm_triton._near_forms(attn.cum, attn.rate, 4, length)
     early = ssm_triton._near_forms(attn.cum, attn.rate, 4, length, ahead)
-    assert early[:2] == fresh[:2] == (64, 2) and torch.equal(early[2], fresh[2])
-    monkeypatch.setattr(ssm_triton, "BLOCK", 32)
-    assert ssm_triton._near_forms(attn.cum, attn.rate, 4, length, ahead)[0] == 32  # not the stale block 64
+    assert early[:2] == fresh[:2] == (ssm_triton.MIXED_BLOCK, 2) and torch.equal(early[2], fresh[2])
+    monkeypatch.setattr(ssm_triton, "MIXED_BLOCK", 16)
+    assert ssm_triton._near_forms(attn.cum, attn.rate, 4, length, ahead)[0] == 16  # not the stale block 32
     compare_with_reference(attn)

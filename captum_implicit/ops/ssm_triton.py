@@ -25,8 +25,9 @@ product of ``Q`` and ``K'`` where every tap is, the causal taps alone on the ``K
 one (:data:`NEAR_FROM_FACTORS`); they use the row block's pivot when ``max |a| · (cum-span of a block and its
 halo)`` stays below :data:`MAX_EXPONENT` (float32 overflows at 88.7), and otherwise one exponential per entry and state
 (``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound — only in the row blocks that fail the
-bound, so that a Δ spike costs only its own block (:data:`MIXED_NEAR_FORMS`, :func:`_near_forms`). The reductions'
-far tiles may be larger than the near ones (:data:`WIDE_FAR_BLOCK`). Differences of cumulative sums are
+bound, so that a Δ spike costs only its own block (:data:`MIXED_NEAR_FORMS`, at :data:`MIXED_BLOCK`;
+:func:`_near_forms`). The reductions' far tiles may be larger than the near ones (:data:`WIDE_FAR_BLOCK`).
+Differences of cumulative sums are
 taken in float64, the rest in float32 (``tl.dot`` as three TF32 products that recover float32 accuracy, see
 :data:`PRODUCT`), accumulation in float32.
 
@@ -94,6 +95,12 @@ FORCE_NEAR_EXACT = False
 #: slower form). H200, session 7: ``dense()`` of HF's random-init 130m-sized layer at L = 1024 0.0145-0.0160 s, not
 #: 0.0220 s (benchmarks/bench_matrix.py)
 MIXED_NEAR_FORMS = True
+#: the row block of the tiles next to the diagonal where the pivoted form fails at every candidate block, so that
+#: some or all of them take the per-entry form (capped by BLOCK, at least 16). H200, session 9, HF's random-init
+#: 130m-sized layer (Δ spikes: 44 % of its (channel, row block)s fail the bound at 64, 28 % at 32): at 64 the near
+#: launch holding both forms spills (255 registers, ≈ 200 B a thread) and takes 16.6 ms of Ā at L = 2048; at 32,
+#: 6.7 ms without spills (Ā 0.0192 → 0.0107 s; dense() at L = 1024 0.0109 → 0.0070 s)
+MIXED_BLOCK = 32
 #: the reductions' far tiles at this block size when the tiles next to the diagonal need a smaller one (their
 #: pivoted form's bound fails at BLOCK; far tiles need no bound): fewer, larger tile products over the bulk of the
 #: matrix, at the cost of a second factor set (peak memory of Ā about twice). ``None``: every tile at the near tiles'
@@ -677,15 +684,22 @@ def _block_exponents(cum: Tensor, rate: Tensor, taps: int, length: int, block: i
 def _near_statistics(
     cum: Tensor, rate: Tensor, taps: int, length: int, ahead: NearStatistics | None = None
 ) -> tuple[list[int], list[float], Tensor]:
-    """``(blocks, largest exponent per block, exponents at BLOCK)``: the candidate row blocks (BLOCK, BLOCK/2,
-    BLOCK/4; at least 16 for ``tl.dot``), the largest exponent of each (see :func:`_block_exponents`) and, last in
-    the list, the smallest at BLOCK, all read back at once: each read is a host synchronisation on a GPU, which
-    leaves it idle until the next launch. ``ahead``: the same started earlier (:func:`start_near_statistics`)."""
-    if ahead is None or ahead.block != BLOCK:
+    """``(blocks, largest exponent per block, mixed block, exponents at it)``: the candidate row blocks (BLOCK,
+    BLOCK/2, BLOCK/4; at least 16 for ``tl.dot``), the largest exponent of each (see :func:`_block_exponents`) and,
+    last in the list, the smallest at the mixed forms' block (:func:`_mixed_block`), all read back at once: each
+    read is a host synchronisation on a GPU, which leaves it idle until the next launch; then the mixed block and
+    the ``(b, C, blocks)`` exponents there (left on the device). ``ahead``: the same started earlier
+    (:func:`start_near_statistics`)."""
+    if ahead is None or (ahead.block, ahead.mixed_block) != (BLOCK, _mixed_block()):
         ahead = _near_statistics_on_device(cum, rate, taps, length)
     if ahead.ready is not None:
         ahead.ready.synchronize()  # waits for the copy alone, not for what was queued after it
-    return ahead.blocks, ahead.values.tolist(), ahead.at_block
+    return ahead.blocks, ahead.values.tolist(), ahead.mixed_block, ahead.at_mixed
+
+
+def _mixed_block() -> int:
+    """The row block of the per-entry and mixed forms next to the diagonal (see :data:`MIXED_BLOCK`)."""
+    return max(16, min(BLOCK, MIXED_BLOCK))
 
 
 class NearStatistics(NamedTuple):
@@ -696,23 +710,24 @@ class NearStatistics(NamedTuple):
     blocks: list[int]
     values: Tensor
     ready: Any
-    at_block: Tensor
+    mixed_block: int
+    at_mixed: Tensor
 
 
 @torch.no_grad()
 def _near_statistics_on_device(cum: Tensor, rate: Tensor, taps: int, length: int) -> NearStatistics:
     blocks = [b for b in (BLOCK, BLOCK // 2, BLOCK // 4) if b >= 16]
+    mixed = _mixed_block()
     cum = cum.to(torch.float64)
-    at_block = _block_exponents(cum, rate, taps, length, BLOCK)
-    others = [_block_exponents(cum, rate, taps, length, b).max() for b in blocks[1:]]
-    values = torch.stack([at_block.max(), *others, at_block.min()])
+    exponents = {b: _block_exponents(cum, rate, taps, length, b) for b in {*blocks, mixed}}
+    values = torch.stack([*(exponents[b].max() for b in blocks), exponents[mixed].min()])
     if values.device.type != "cuda":
-        return NearStatistics(BLOCK, blocks, values, None, at_block)
+        return NearStatistics(BLOCK, blocks, values, None, mixed, exponents[mixed])
     host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
     host.copy_(values, non_blocking=True)
     ready = torch.cuda.Event()
     ready.record()
-    return NearStatistics(BLOCK, blocks, host, ready, at_block)
+    return NearStatistics(BLOCK, blocks, host, ready, mixed, exponents[mixed])
 
 
 def start_near_statistics(cum: Tensor, rate: Tensor, taps: int) -> NearStatistics | None:
@@ -740,18 +755,18 @@ def _near_forms(
     cum: Tensor, rate: Tensor, taps: int, length: int, ahead: NearStatistics | None = None
 ) -> tuple[int, int, Tensor | None]:
     """The row block and the form of the tiles next to the diagonal: ``(block, NEAR_EXACT, exact)``. The pivoted
-    form (0) at the largest block whose exponents all stay below MAX_EXPONENT; else, at BLOCK, the per-entry form
-    everywhere (1) or, with :data:`MIXED_NEAR_FORMS`, where the exponents do not stay below it, per batch row,
-    channel and row block (2, with ``exact`` the ``(b, C, blocks)`` int8 table; 1 when nowhere do they)."""
-    blocks, maxima, at_block = _near_statistics(cum, rate, taps, length, ahead)
+    form (0) at the largest block whose exponents all stay below MAX_EXPONENT; else, at :data:`MIXED_BLOCK`, the
+    per-entry form everywhere (1) or, with :data:`MIXED_NEAR_FORMS`, where the exponents do not stay below it, per
+    batch row, channel and row block (2, with ``exact`` the ``(b, C, blocks)`` int8 table; 1 when nowhere do they)."""
+    blocks, maxima, mixed, at_mixed = _near_statistics(cum, rate, taps, length, ahead)
     block = _largest_passing(blocks, maxima)
     if FORCE_NEAR_EXACT:
-        return block or BLOCK, 1, None
+        return block or mixed, 1, None
     if block is not None:
         return block, 0, None
     if not MIXED_NEAR_FORMS or maxima[-1] >= MAX_EXPONENT:  # the smallest fails too: the per-entry form everywhere
-        return BLOCK, 1, None
-    return BLOCK, 2, (at_block >= MAX_EXPONENT).to(torch.int8).contiguous()
+        return mixed, 1, None
+    return mixed, 2, (at_mixed >= MAX_EXPONENT).to(torch.int8).contiguous()
 
 
 def _far(tiles: Tensor, block: int, taps: int) -> Tensor:
