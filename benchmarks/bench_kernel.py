@@ -121,7 +121,7 @@ def main() -> None:
             t_mean = timed(lambda: la.aggregate("mean"))[0] if length <= 8192 else float("nan")
             with blockwise(precision="tf32"):  # the opt-in: one TF32 product per tile instead of three
                 t_tf32 = timed(lambda: la.aggregate("positive_mean", grad=grad))[0]
-            flops = kernel_flops(la, block or 64)
+            flops = kernel_flops(la, block or ssm_triton._mixed_block())
             rate = flops / t_grad
             lines.append(
                 f"| {size} | {la.num_channels} | {length} | {block or 'per-entry'} | {t_grad:.3f} | {t_mean:.3f} | "

@@ -110,6 +110,32 @@ def test_non_finite_inputs_and_captures_are_refused():
     assert before["hooks"] == after["hooks"] and before["functions"] == after["functions"]
 
 
+def test_finiteness_is_read_once_for_all_layers(monkeypatch):
+    """The captured factors' finiteness flags of every layer are read in one go when the layers are asked for (on a
+    GPU each read is a synchronisation: one per layer in the forward left the GPU idle); the first non-finite
+    layer in forward order is still the one named, also when the forward fails after it."""
+    from captum_implicit.core import capture
+
+    reads = []
+    real = capture._raise_if_not_finite
+    monkeypatch.setattr(capture, "_raise_if_not_finite", lambda pending: (reads.append(len(pending)), real(pending)))
+    model = _model()
+    layers = ci.implicit_attention(model, torch.randint(0, 32, (1, 5)))
+    assert reads == [len(layers)] == [2]
+
+    with torch.no_grad():
+        model.backbone.layers[0].mixer.dt_proj.bias.fill_(float("inf"))  # both layers non-finite: the first named
+    with pytest.raises(ci.NonFiniteError, match=r"backbone\.layers\.0\.mixer"):
+        ci.implicit_attention(model, torch.randint(0, 32, (1, 5)))
+    before = _snapshot(model)
+    with pytest.raises(ci.NonFiniteError, match=r"backbone\.layers\.0\.mixer") as raised:
+        with Capture(model), torch.no_grad():
+            model(torch.randint(0, 32, (1, 5)))
+            raise RuntimeError("a later failure of the forward")
+    assert isinstance(raised.value.__cause__, RuntimeError)
+    _assert_same(model, before)
+
+
 def test_inputs_embeds_give_the_same_attention_as_ids():
     model = _model()
     ids = torch.randint(0, 32, (2, 9))

@@ -102,3 +102,22 @@ def test_views_agree_with_dense_on_cuda():
     dense = la.dense()
     assert rel_err(la.aggregate("abs_mean"), dense.abs().mean(1)) < 1e-5
     assert rel_err(la.row(599, reduce="mean"), dense[:, :, 599].mean(1)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_factors_are_refused_on_cuda(dtype, bad):
+    """On CUDA (fused kernels where installed), a NaN or an infinity in one layer's factors is refused with the
+    layer's name: the capture reads every layer's largest magnitudes at once (a NaN must propagate through the
+    device's maximum); the finite model passes."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.MambaConfig(hidden_size=64, state_size=8, num_hidden_layers=3, vocab_size=64)
+    model = tf.MambaForCausalLM(cfg).cuda().to(dtype).eval()
+    ids = torch.randint(0, 64, (2, 40), device="cuda")
+    assert len(ci.implicit_attention(model, ids, use_cache=False)) == 3
+    with torch.no_grad():
+        model.backbone.layers[1].mixer.D[5] = bad  # the skip factor of one channel: layer 1 alone
+    with pytest.raises(ci.NonFiniteError, match=r"backbone\.layers\.1\.mixer"):
+        ci.implicit_attention(model, ids, use_cache=False)

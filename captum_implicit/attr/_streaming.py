@@ -218,6 +218,7 @@ def _recompute(rec: Recording, grad: Tensor) -> LayerAttention:
     args, kwargs = _anchored(rec.args, rec.kwargs)
     with Capture(rec.module, track_grad=True) as cap, torch.enable_grad():
         out = _first_tensor(rec.module(*args, **kwargs))
+        cap.check_finite()
         built = [r for r in cap.recordings if r.module is rec.module]
         if out is None or len(built) != 1 or built[0].output_input is None:
             raise CaptureError(f"layer {rec.name!r}: re-running it alone did not reproduce one captured call")

@@ -134,10 +134,22 @@ class Capture:
         self._stack: list[Recording] = []
         self._guard = ModelGuard(model)
         self._targets: list[tuple[str, nn.Module, Adapter]] = []
+        #: built layers whose finiteness flags have not been read yet (see :meth:`check_finite`)
+        self._unchecked: list[tuple[LayerAttention, list[str], Tensor]] = []
 
     @property
     def layers(self) -> list[LayerAttention]:
+        """The built layers, in forward order; raises :class:`NonFiniteError` if a captured factor is not finite."""
+        self.check_finite()
         return [r.attention for r in self.recordings if r.attention is not None]
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` naming the first layer (in forward order) built since the last check
+        whose captured factors hold a NaN or an infinity. The flags of all those layers are read at once: on a
+        GPU each read is a synchronisation, and one per layer in the forward would leave the GPU idle while the
+        next layer's work is being issued."""
+        pending, self._unchecked = self._unchecked, []
+        _raise_if_not_finite(pending)
 
     # ------------------------------------------------------------------ setup
     def __enter__(self) -> Capture:
@@ -181,6 +193,15 @@ class Capture:
     ) -> None:
         self._stack.clear()
         self._guard.__exit__(exc_type, exc, tb)
+        if exc is not None:
+            self._raise_earlier_non_finite(exc)
+
+    def _raise_earlier_non_finite(self, failure: BaseException) -> None:
+        """A forward or a build failed: if a layer built before it was not finite, that is the cause to report."""
+        try:
+            self.check_finite()
+        except NonFiniteError as non_finite:
+            raise non_finite from failure
 
     def _instrument(self, name: str, module: nn.Module, adapter: Adapter) -> None:
         guard = self._guard
@@ -292,12 +313,16 @@ class Capture:
     def _build(self, rec: Recording) -> LayerAttention:
         try:
             attn = rec.adapter.build(rec.module, rec, rec.name)
-        except (CaptureError, NonFiniteError):
+        except (CaptureError, NonFiniteError) as e:
+            self._raise_earlier_non_finite(e)
             raise
         except Exception as e:
+            self._raise_earlier_non_finite(e)
             raise CaptureError(f"layer {rec.name!r} ({type(rec.module).__name__}): could not build: {e}") from e
         freeze(attn)
-        check_finite(attn)
+        flags = _finite_flags(attn)
+        if flags is not None:
+            self._unchecked.append((attn, *flags))
         return attn
 
 
@@ -328,13 +353,30 @@ def freeze(attn: LayerAttention) -> None:
 
 def check_finite(attn: LayerAttention) -> None:
     """Raise :class:`NonFiniteError` if any captured factor of ``attn`` is NaN or infinite."""
-    floats = {k: v for k, v in vars(attn).items() if isinstance(v, Tensor) and v.is_floating_point()}
+    flags = _finite_flags(attn)
+    _raise_if_not_finite([] if flags is None else [(attn, *flags)])
+
+
+def _finite_flags(attn: LayerAttention) -> tuple[list[str], Tensor] | None:
+    """The names of ``attn``'s floating-point factors and, on the device (not read), each one's largest magnitude
+    in float64: finite exactly when the factor is (a NaN propagates through the maximum, and float64 holds every
+    float32 maximum). One reduction per factor, where ``isfinite(v).all()`` launches five kernels."""
+    floats = {k: v for k, v in vars(attn).items() if isinstance(v, Tensor) and v.is_floating_point() and v.numel()}
     if not floats:
-        return
-    # one flag per tensor, read back at once: on a GPU each read is a synchronisation, which stalls the forward
+        return None
     device = next(iter(floats.values())).device
-    finite = torch.stack([torch.isfinite(v).all().to(device) for v in floats.values()]).tolist()
-    for key, ok in zip(floats, finite, strict=True):
+    largest = [torch.linalg.vector_norm(v, float("inf"), dtype=torch.float64).to(device) for v in floats.values()]
+    return list(floats), torch.stack(largest)
+
+
+def _raise_if_not_finite(pending: list[tuple[LayerAttention, list[str], Tensor]]) -> None:
+    """Read the flags of :func:`_finite_flags` for several layers at once; raise for the first false one."""
+    if not pending:
+        return
+    device = pending[0][2].device
+    finite = torch.isfinite(torch.cat([flags.to(device) for _, _, flags in pending])).tolist()
+    names = [(attn, key) for attn, keys, _ in pending for key in keys]
+    for (attn, key), ok in zip(names, finite, strict=True):
         if not ok:
             raise NonFiniteError(
                 f"layer {attn.name!r}: captured tensor {key!r} contains NaN or infinite values; the model's "

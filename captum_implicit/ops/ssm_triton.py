@@ -27,9 +27,8 @@ halo)`` stays below :data:`MAX_EXPONENT` (float32 overflows at 88.7), and otherw
 (``e^{a_n (cum_t − cum_{s+j})}``, exponent ≤ 0), which needs no bound — only in the row blocks that fail the
 bound, so that a Δ spike costs only its own block (:data:`MIXED_NEAR_FORMS`, at :data:`MIXED_BLOCK`;
 :func:`_near_forms`). The reductions' far tiles may be larger than the near ones (:data:`WIDE_FAR_BLOCK`).
-Differences of cumulative sums are
-taken in float64, the rest in float32 (``tl.dot`` as three TF32 products that recover float32 accuracy, see
-:data:`PRODUCT`), accumulation in float32.
+Differences of cumulative sums are taken in float64, the rest in float32 (``tl.dot`` as three TF32 products that
+recover float32 accuracy, see :data:`PRODUCT`), accumulation in float32.
 
 The far-tile loop has opt-in variants for ``benchmarks/sweep_kernel.py`` (:data:`FAR_PRODUCT` ``"fused"``,
 :data:`FAR_UNROLL`, :data:`SEPARATE_FAR`, :data:`OVERLAP_NEAR`, :data:`WIDE_FAR_WARPS`);
@@ -683,7 +682,7 @@ def _block_exponents(cum: Tensor, rate: Tensor, taps: int, length: int, block: i
 
 def _near_statistics(
     cum: Tensor, rate: Tensor, taps: int, length: int, ahead: NearStatistics | None = None
-) -> tuple[list[int], list[float], Tensor]:
+) -> tuple[list[int], list[float], int, Tensor]:
     """``(blocks, largest exponent per block, mixed block, exponents at it)``: the candidate row blocks (BLOCK,
     BLOCK/2, BLOCK/4; at least 16 for ``tl.dot``), the largest exponent of each (see :func:`_block_exponents`) and,
     last in the list, the smallest at the mixed forms' block (:func:`_mixed_block`), all read back at once: each
