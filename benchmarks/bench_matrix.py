@@ -1,6 +1,7 @@
 """Benchmark 1: the published algorithm against ours, on one mamba-130m-sized mixer (D=1536, N=16).
 
     python benchmarks/bench_matrix.py --device cuda --out benchmarks/results/matrix-h200.md
+    python benchmarks/bench_matrix.py --device cpu --lengths 256,512,1024 --out benchmarks/results/matrix-cpu.md
 
 Measures (random weights, float32, batch 1):
 * full dense matrix: published loops at small L (their cost is cubic: we fit c·L³ and extrapolate),
@@ -12,6 +13,7 @@ Measures (random weights, float32, batch 1):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,6 +70,9 @@ def main() -> None:
     lines = [f"# Implicit-attention matrix: published loops vs captum-implicit ({dev})", ""]
     if dev == "cuda":
         lines.append(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; D=1536, N=16, float32, batch 1")
+    else:
+        lines.append(f"CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
+                     "D=1536, N=16, float32, batch 1")
     lines += ["", "## Full matrix", ""]
     lines += ["| L | published loops (s) | ours dense() (s) | write (D,L,L) (s) | ours / write |"]
     lines += ["|---|---|---|---|---|"]
