@@ -116,16 +116,17 @@ def main() -> None:
                 continue
             la = capture_layer(SIZES[size], length)
             grad = torch.randn_like(la.values)
-            block = ssm_triton._block_for(la.cum, la.rate, la.conv_weight.shape[-1], length)
+            # the kernel's own choice of near block and form (0 pivoted, 1 per-entry, 2 mixed)
+            block, form, _ = ssm_triton._near_forms(la.cum, la.rate, la.conv_weight.shape[-1], length)
             t_grad, mem = timed(lambda: la.aggregate("positive_mean", grad=grad))
             t_mean = timed(lambda: la.aggregate("mean"))[0] if length <= 8192 else float("nan")
             with blockwise(precision="tf32"):  # the opt-in: one TF32 product per tile instead of three
                 t_tf32 = timed(lambda: la.aggregate("positive_mean", grad=grad))[0]
-            flops = kernel_flops(la, block or ssm_triton._mixed_block())
+            flops = kernel_flops(la, block)
             rate = flops / t_grad
             lines.append(
-                f"| {size} | {la.num_channels} | {length} | {block or 'per-entry'} | {t_grad:.3f} | {t_mean:.3f} | "
-                f"{mem:.2f} | {flops:.2e} | "
+                f"| {size} | {la.num_channels} | {length} | {block}{('', ' per-entry', ' mixed')[form]} | "
+                f"{t_grad:.3f} | {t_mean:.3f} | {mem:.2f} | {flops:.2e} | "
                 f"{rate / 1e12:.1f} | {100 * rate / f32:.0f}% | {100 * rate / tf32:.0f}% | {t_tf32:.3f} | "
                 f"{100 * flops / t_tf32 / tf32:.0f}% |"
             )

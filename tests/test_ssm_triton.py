@@ -587,7 +587,8 @@ def test_far_tile_variants_in_triton_interpreter():
 @requires_cuda
 def test_near_statistics_started_at_capture_on_gpu(monkeypatch):
     """A captured layer starts the statistics the kernel reads back (so that its call does not wait for the GPU's
-    queue): the same choice of block and forms as computed at the call, and recomputed if BLOCK changed since."""
+    queue): the same choice of block and forms as computed at the call, and recomputed if BLOCK or MIXED_BLOCK
+    changed since."""
     from captum_implicit.ops import ssm_triton
 
     length = 150
