@@ -83,9 +83,6 @@ OVERLAP_NEAR = False
 #: one product per tap, each masked (:func:`_near_tile_pivoted`; 255 registers and 40 B spilled against 168 and
 #: none, sm_90). H200, 130m layer at L = 4096: the near launch 5.0 → 2.8 ms, Ā 0.0141 → 0.0118 s
 NEAR_FROM_FACTORS = True
-#: the channel sum ("sum", hence ``aggregate("mean")``): far tiles' products accumulate straight into the sum (the
-#: loop-carried accumulator of a K-loop, as in a matmul) instead of into a zeroed tile added to it
-FAR_INTO_SUM = False
 #: software-pipelining stages of the channel loop
 NUM_STAGES = 4
 #: channels per program in dense mode (each writes its own tiles; more per program amortises the setup)
@@ -253,13 +250,12 @@ if triton is not None:
 
     @triton.jit
     def _far_tile(
-        m, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+        q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
         b, c, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, L, C, N,
         N_P: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, PRODUCT: tl.constexpr, FAR: tl.constexpr,
     ):
-        """``m`` plus a tile left of the row block and of its conv halo: one rank-N product of the precomputed
-        factors (λ and ρ included), accumulated into ``m`` (zeros, or the channel sum: :data:`FAR_INTO_SUM`).
-        ``FAR``: 0 "register", 1 "split", 2 "fused" (see :data:`FAR_PRODUCT`)."""
+        """A tile left of the row block and of its conv halo: one rank-N product of the precomputed factors
+        (λ and ρ included). ``FAR``: 0 "register", 1 "split", 2 "fused" (see :data:`FAR_PRODUCT`)."""
         base_bc = (b * C + c).to(tl.int64) * L
         base_q = (b * c_count + lc) * L  # < 2^28 / N_P: channels come in chunks of FACTOR_ELEMENTS
         rate = tl.load(rate_ptr + c * N + offs_n, mask=mask_n, other=0.0)
@@ -277,7 +273,7 @@ if triton is not None:
             kl = tl.load(kl_ptr + kt, mask=mask_s[None, :], other=0.0)
             qs = q * shift[None, :]
             q_hi = _tf32_high(qs)
-            m = tl.dot(qs - q_hi, kh, m, input_precision="tf32")
+            m = tl.dot(qs - q_hi, kh, input_precision="tf32")
             m = tl.dot(q_hi, kl, m, input_precision="tf32")
             m = tl.dot(q_hi, kh, m, input_precision="tf32")
         elif FAR == 2:
@@ -294,10 +290,10 @@ if triton is not None:
             q_hi = _tf32_high(qs)
             # (BT, N_P, 2, 2), laid out [q_lo, q_hi, q_hi, 0] per n
             pairs = tl.join(tl.join(qs - q_hi, q_hi), tl.join(q_hi, tl.zeros_like(qs)))
-            m = tl.dot(tl.reshape(pairs, (BT, 4 * N_P)), kf, m, input_precision="tf32")
+            m = tl.dot(tl.reshape(pairs, (BT, 4 * N_P)), kf, input_precision="tf32")
         else:
             kk = tl.load(k_ptr + (base_q + offs_s[:, None]) * N_P + offs_n[None, :], mask=mask_s[:, None], other=0.0)
-            m = tl.dot(q, tl.trans(kk * shift[None, :]), m, input_precision=PRODUCT)
+            m = tl.dot(q, tl.trans(kk * shift[None, :]), input_precision=PRODUCT)
         return m
 
     @triton.jit
@@ -306,7 +302,7 @@ if triton is not None:
         b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, mask_ts,
         L, C, N, s_ob, s_oc, s_ot,
         N_P: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr, PRODUCT: tl.constexpr,
-        FAR: tl.constexpr, UNROLL: tl.constexpr, INTO_SUM: tl.constexpr,
+        FAR: tl.constexpr, UNROLL: tl.constexpr,
     ):
         """Channels ``[lc0, lc1)`` of a far tile (see :func:`_far_tile`), emitted into ``acc``."""
         if UNROLL == 2:
@@ -315,12 +311,12 @@ if triton is not None:
             lc_pair_end = lc0 + tl.maximum(lc1 - lc0, 0) // 2 * 2  # clamped: // of negatives differs
             for lc in range(lc0, lc_pair_end, 2):
                 m0 = _far_tile(
-                    tl.zeros((BT, BS), dtype=tl.float32), q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
                     b, c_base + lc, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
                     mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
                 )
                 m1 = _far_tile(
-                    tl.zeros((BT, BS), dtype=tl.float32), q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
                     b, c_base + lc + 1, lc + 1, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
                     mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
                 )
@@ -332,24 +328,16 @@ if triton is not None:
                 )
             if lc_pair_end < lc1:  # odd channel count: the last channel alone
                 m = _far_tile(
-                    tl.zeros((BT, BS), dtype=tl.float32), q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
                     b, c_base + lc_pair_end, lc_pair_end, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
                     mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
                 )
                 ptrs = _tile_ptrs(out_ptr, b, c_base + lc_pair_end, offs_t, offs_s, s_ob, s_oc, s_ot)
                 acc = _emit(acc, m, ptrs, mask_ts, MODE)
-        elif MODE == 1 and INTO_SUM:
-            # the channel sum is linear: each product accumulates straight into it, a loop-carried accumulator
-            for lc in range(lc0, lc1):
-                acc = _far_tile(
-                    acc, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
-                    b, c_base + lc, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
-                    mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
-                )
         else:
             for lc in range(lc0, lc1):
                 m = _far_tile(
-                    tl.zeros((BT, BS), dtype=tl.float32), q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+                    q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
                     b, c_base + lc, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
                     mask_t, mask_s, mask_n, L, C, N, N_P, BT, BS, PRODUCT, FAR,
                 )
@@ -367,15 +355,14 @@ if triton is not None:
         HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr, PRODUCT: tl.constexpr,
         FAR: tl.constexpr,
     ):
-        """A tile touching the row block (pivoted form: needs the exponent bound), λ and ρ included. Where every
-        tap is causal (``t − s ≥ K − 1``) it is the far tiles' product of ``Q`` and ``K'`` (:func:`_far_tile`; the
-        shift ``e^{a (cum_p − cum_q)}`` is ≥ 1 here, below ``e^{MAX_EXPONENT}``). On the diagonals
-        ``t − s = d < K − 1`` only the taps ``j ≤ d`` reach ``s + j ≤ t``:
-        ``Σ_{j ≤ d} w_{K-1-j} core[t, t − d + j]``, where ``core[t, t + o]`` (``o = j − d ≤ 0``) takes one
-        exponential per row and state, exponent ``a (cum_t − cum_{t+o}) ≤ 0``; plus the skip ``D`` where
-        ``s + j = t``. Above the diagonal: zero."""
+        """A tile touching the row block (pivoted form: needs the exponent bound), λ and ρ included. Where every tap
+        is causal (``t − s ≥ K − 1``) it is the far tiles' product of ``Q`` and ``K'`` (:func:`_far_tile`; the shift
+        ``e^{a (cum_p − cum_q)}`` is ≥ 1 here, below ``e^{MAX_EXPONENT}``). On the diagonals ``t − s = d < K − 1``
+        only the taps ``j ≤ d`` reach ``s + j ≤ t``: ``Σ_{j ≤ d} w_{K-1-j} core[t, t − d + j]``, where
+        ``core[t, t + o]`` (``o = j − d ≤ 0``) takes one exponential per row and state, exponent
+        ``a (cum_t − cum_{t+o}) ≤ 0``; plus the skip ``D`` where ``s + j = t``. Above the diagonal: zero."""
         m = _far_tile(
-            tl.zeros((BT, BS), dtype=tl.float32), q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
+            q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
             b, c, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, L, C, N,
             N_P, BT, BS, PRODUCT, FAR,
         )
@@ -479,7 +466,7 @@ if triton is not None:
         N_P: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr, MODE: tl.constexpr,
         HAS_SKIP: tl.constexpr, HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr,
         ACCUMULATE: tl.constexpr, PRODUCT: tl.constexpr, NEAR_EXACT: tl.constexpr, FAR: tl.constexpr,
-        UNROLL: tl.constexpr, TILES: tl.constexpr, NEAR_FACTORED: tl.constexpr, INTO_SUM: tl.constexpr,
+        UNROLL: tl.constexpr, TILES: tl.constexpr, NEAR_FACTORED: tl.constexpr,
     ):
         # TILES: 0 any tile, 1 only far tiles, 2 only the others (touching the row block, or above it)
         tile = tl.program_id(0)
@@ -519,7 +506,6 @@ if triton is not None:
                     acc, out_ptr, q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
                     b, lc0, lc1, c_base, c_count, pivot, col_pivot, offs_t, offs_s, offs_n,
                     mask_t, mask_s, mask_n, mask_ts, L, C, N, s_ob, s_oc, s_ot, N_P, BT, BS, MODE, PRODUCT, FAR, UNROLL,
-                    INTO_SUM,
                 )
             else:
                 acc = _near_channels(
@@ -943,7 +929,7 @@ def ssm_kernel(
                     HAS_SKIP=skip is not None, HAS_LSC=lsc is not None, HAS_RSC=rsc is not None,
                     HAS_COL=col is not None, ACCUMULATE=c0 > 0 and not dense, PRODUCT=product,
                     NEAR_EXACT=near_form, FAR=FAR_CODES[far_product], UNROLL=FAR_UNROLL,
-                    TILES=kind, NEAR_FACTORED=NEAR_FROM_FACTORS, INTO_SUM=FAR_INTO_SUM,
+                    TILES=kind, NEAR_FACTORED=NEAR_FROM_FACTORS,
                     num_warps=(WIDE_FAR_WARPS or NUM_WARPS) if blk > block else NUM_WARPS,
                     num_stages=NUM_STAGES,
                 )
