@@ -134,7 +134,7 @@ def main() -> None:
             if a.out:  # written as we go: a long run cut short keeps its rows
                 Path(a.out).parent.mkdir(parents=True, exist_ok=True)
                 Path(a.out).write_text("\n".join(lines) + "\n")
-            del la, grad
+            la = grad = None  # free the layer before the next capture (not `del`: the lambdas above name them)
             torch.cuda.empty_cache()
     text = "\n".join(lines) + "\n"
     print(text)

@@ -71,8 +71,8 @@ def main() -> None:
     if dev == "cuda":
         lines.append(f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; D=1536, N=16, float32, batch 1")
     else:
-        lines.append(f"CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; torch {torch.__version__}; "
-                     "D=1536, N=16, float32, batch 1")
+        lines.append(f"CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads; "
+                     f"torch {torch.__version__}; D=1536, N=16, float32, batch 1")
     lines += ["", "## Full matrix", ""]
     lines += ["| L | published loops (s) | ours dense() (s) | write (D,L,L) (s) | ours / write |"]
     lines += ["|---|---|---|---|---|"]

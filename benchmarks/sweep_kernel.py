@@ -4,8 +4,8 @@ warps, tile size, product precision) on one 130m-sized layer. Variants set the m
 
     python benchmarks/sweep_kernel.py --length 4096
 
-Prints seconds of ``aggregate("positive_mean", grad)`` (Ā) and of ``dense()`` (at --dense-length) per variant,
-and the error against the torch reference.
+Prints seconds of ``aggregate("positive_mean", grad)`` (Ā), of ``aggregate("mean")`` and of ``dense()`` (at
+--dense-length) per variant, and the error against the torch reference.
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ def main() -> None:
     small = capture(a.dense_length)
     with blockwise(triton=False):
         ref = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
+        ref_mean = small.aggregate("mean")
     chosen = VARIANTS[: a.first] if a.only is None else [VARIANTS[int(i)] for i in a.only.split(",")]
     for variant in chosen:
         for key, value in variant.items():
@@ -202,15 +203,18 @@ def main() -> None:
         before = compiled_kernels()
         try:  # a variant Triton cannot compile (shared memory, registers, a shape) must not end the sweep
             t_agg = seconds(lambda: la.aggregate("positive_mean", grad=grad))
+            t_mean = seconds(lambda: la.aggregate("mean"))
             t_dense = seconds(lambda: small.dense(), reps=2)
             got = small.aggregate("positive_mean", grad=torch.ones_like(small.values))
+            got_mean = small.aggregate("mean")
         except Exception as e:  # noqa: BLE001 - reported, then the next variant
             print(f"{variant}: FAILED {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
             continue
         err = float((got - ref).abs().max() / ref.abs().max())
+        err_mean = float((got_mean - ref_mean).abs().max() / ref_mean.abs().max())
         new = [k for key, k in compiled_kernels().items() if key not in before]
-        print(f"{variant}: Ā(L={a.length}) {t_agg:.4f} s  dense(L={a.dense_length}) {t_dense:.4f} s  "
-              f"rel err {err:.1e}  [{resources(new)}]", flush=True)
+        print(f"{variant}: Ā(L={a.length}) {t_agg:.4f} s  mean {t_mean:.4f} s  dense(L={a.dense_length}) "
+              f"{t_dense:.4f} s  rel err {err:.1e} (mean {err_mean:.1e})  [{resources(new)}]", flush=True)
         # the launch split where the variant changes a setting that moves time between launches (every variant
         # names every setting: the shipped ones restore what an earlier variant changed)
         changed = {key for key, value in variant.items() if SHIPPED[key] != value}

@@ -355,12 +355,13 @@ if triton is not None:
         HAS_LSC: tl.constexpr, HAS_RSC: tl.constexpr, HAS_COL: tl.constexpr, PRODUCT: tl.constexpr,
         FAR: tl.constexpr,
     ):
-        """A tile touching the row block (pivoted form: needs the exponent bound), λ and ρ included. Where every tap
-        is causal (``t − s ≥ K − 1``) it is the far tiles' product of ``Q`` and ``K'`` (:func:`_far_tile`; the shift
-        ``e^{a (cum_p − cum_q)}`` is ≥ 1 here, below ``e^{MAX_EXPONENT}``). On the diagonals ``t − s = d < K − 1``
-        only the taps ``j ≤ d`` reach ``s + j ≤ t``: ``Σ_{j ≤ d} w_{K-1-j} core[t, t − d + j]``, where
-        ``core[t, t + o]`` (``o = j − d ≤ 0``) takes one exponential per row and state, exponent
-        ``a (cum_t − cum_{t+o}) ≤ 0``; plus the skip ``D`` where ``s + j = t``. Above the diagonal: zero."""
+        """A tile touching the row block (pivoted form: needs the exponent bound), λ and ρ included. Where every
+        tap is causal (``t − s ≥ K − 1``) it is the far tiles' product of ``Q`` and ``K'`` (:func:`_far_tile`; the
+        shift ``e^{a (cum_p − cum_q)}`` is ≥ 1 here, below ``e^{MAX_EXPONENT}``). On the diagonals
+        ``t − s = d < K − 1`` only the taps ``j ≤ d`` reach ``s + j ≤ t``:
+        ``Σ_{j ≤ d} w_{K-1-j} core[t, t − d + j]``, where ``core[t, t + o]`` (``o = j − d ≤ 0``) takes one
+        exponential per row and state, exponent ``a (cum_t − cum_{t+o}) ≤ 0``; plus the skip ``D`` where
+        ``s + j = t``. Above the diagonal: zero."""
         m = _far_tile(
             q_ptr, k_ptr, kh_ptr, kl_ptr, kf_ptr, cum_ptr, rate_ptr,
             b, c, lc, c_count, pivot, col_pivot, offs_t, offs_s, offs_n, mask_t, mask_s, mask_n, L, C, N,
