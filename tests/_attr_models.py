@@ -130,29 +130,3 @@ class MambaClassifier(nn.Module):
         else:
             last = (torch.arange(h.shape[1], device=h.device) * attention_mask).argmax(1)
         return self.score(h[torch.arange(h.shape[0], device=h.device), last])
-
-
-def snapshot(model: nn.Module) -> dict:
-    """Everything about a model the attributions must leave unchanged."""
-    return {
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "hooks": {
-            n: (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
-            for n, m in model.named_modules()
-        },
-    }
-
-
-def assert_unchanged(model: nn.Module, before: dict) -> None:
-    after = snapshot(model)
-    for n, p in before["params"].items():
-        assert torch.equal(p, after["params"][n]), n
-    for n, g in before["grads"].items():
-        a = after["grads"][n]
-        assert (g is None and a is None) or (g is not None and a is not None and torch.equal(g, a)), n
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["training"] == after["training"]
-    assert before["hooks"] == after["hooks"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _attr_models import MambaClassifier, assert_unchanged, snapshot, tiny_mamba_lm
+from _attr_models import MambaClassifier, tiny_mamba_lm
+from _hygiene import assert_unchanged, snapshot
 from captum.attr import Attribution, GradientAttribution, NoiseTunnel, TextTokenInput
 from captum.metrics import infidelity, sensitivity_max
 from conftest import rel_err
@@ -15,6 +16,7 @@ from captum_implicit import (
     ImplicitAttentionRollout,
     ImplicitAttnGrad,
     ImplicitLLMAttribution,
+    InputError,
     MambaAttr,
 )
 
@@ -235,6 +237,32 @@ def test_contract_flags(lm) -> None:
             method.attribute_future()
 
 
+@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_bad_inputs_get_an_error_naming_them(name, streaming) -> None:
+    """Inputs an explanation cannot run on are refused before the model runs, with the problem named (not the
+    model's or torch's own message from deep inside the forward), and the model is left as it was."""
+    cls, kw = METHODS[name]
+    if streaming and (cls is not ImplicitAttnGrad or name == "uia"):
+        pytest.skip("streaming is an option of ImplicitAttnGrad's chefer method")
+    kw = {**kw, "streaming": True} if streaming else kw
+    model = tiny_mamba_lm(2)
+    before = snapshot(model)
+    ids = torch.randint(1, 40, (2, 6))
+    target = 4 if name in GRADIENT else None
+    cases = [
+        (ids[:, :0], r"no tokens to explain: shape \(2, 0\)"),
+        (ids[:0], r"no tokens to explain: shape \(0, 6\)"),
+        (ids[0], r"must be \(B, L\) token ids or \(B, L, D\) embeddings, got \(6,\)"),
+        (ids[:, None], r"input_ids must have shape \(batch, length\), got \(2, 1, 6\)"),
+        (ids.double(), "input_ids must be integer token ids, got dtype torch.float64"),
+    ]
+    for bad, message in cases:
+        with pytest.raises(InputError, match=message):
+            cls(model).attribute(bad, target=target, **kw)
+        assert_unchanged(model, before)
+
+
 @pytest.mark.parametrize("frozen", [False, True])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_model_left_exactly_as_it_was(name, frozen) -> None:
@@ -255,7 +283,7 @@ def test_model_left_exactly_as_it_was(name, frozen) -> None:
     assert_unchanged(model, before)
     assert (mm.mamba_selective_scan, mm.causal_conv1d_fn) == kernels
     if name in GRADIENT:  # fails after the forward, while the capture is active
-        with pytest.raises(Exception):
+        with pytest.raises(InputError, match="target 10000 is out of range for the 40 scores"):
             cls(model).attribute(ids, target=10_000, **kw)
         assert_unchanged(model, before)
 

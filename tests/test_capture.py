@@ -8,6 +8,7 @@ import transformers as tf
 from transformers.models.mamba import modeling_mamba
 
 import captum_implicit as ci
+from _hygiene import assert_unchanged, snapshot
 from captum_implicit.core.capture import Capture, torch_fallback_of
 
 
@@ -17,29 +18,17 @@ def _model(dtype=torch.float64) -> torch.nn.Module:
     return tf.MambaForCausalLM(cfg).to(dtype)
 
 
+_KERNELS = ("mamba_selective_scan", "causal_conv1d_fn")
+
+
 def _snapshot(model: torch.nn.Module) -> dict:
-    return {
-        "params": {n: p.detach().clone() for n, p in model.named_parameters()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "training": {n: m.training for n, m in model.named_modules()},
-        "hooks": {
-            n: (dict(m._forward_hooks), dict(m._forward_pre_hooks), dict(m._backward_hooks))
-            for n, m in model.named_modules()
-        },
-        "functions": {k: getattr(modeling_mamba, k) for k in ("mamba_selective_scan", "causal_conv1d_fn")},
-        "attrs": {n: dict(vars(m)).keys() for n, m in model.named_modules()},
-    }
+    """:func:`_hygiene.snapshot` and the HF kernel functions the capture patches while it runs."""
+    return {"model": snapshot(model), "functions": {k: getattr(modeling_mamba, k) for k in _KERNELS}}
 
 
 def _assert_same(model: torch.nn.Module, before: dict) -> None:
-    after = _snapshot(model)
-    for n, p in before["params"].items():
-        assert torch.equal(p, after["params"][n]), f"parameter {n} changed"
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["training"] == after["training"]
-    assert before["hooks"] == after["hooks"]
-    assert before["functions"] == after["functions"]
-    assert before["attrs"] == after["attrs"]
+    assert_unchanged(model, before["model"])
+    assert before["functions"] == {k: getattr(modeling_mamba, k) for k in _KERNELS}
 
 
 @pytest.mark.parametrize("train_mode", [True, False])
@@ -101,13 +90,12 @@ def test_non_finite_inputs_and_captures_are_refused():
     embeds[0, 2, 3] = float("nan")
     with pytest.raises(ci.NonFiniteError, match="inputs_embeds"):
         ci.implicit_attention(model, inputs_embeds=embeds)
-    before = _snapshot(model)
     with torch.no_grad():
         model.backbone.layers[1].mixer.dt_proj.bias.fill_(float("inf"))
+    before = _snapshot(model)
     with pytest.raises(ci.NonFiniteError, match="backbone.layers.1.mixer"):
         ci.implicit_attention(model, torch.randint(0, 32, (1, 5)))
-    after = _snapshot(model)
-    assert before["hooks"] == after["hooks"] and before["functions"] == after["functions"]
+    _assert_same(model, before)
 
 
 def test_finiteness_is_read_once_for_all_layers(monkeypatch):

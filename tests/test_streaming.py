@@ -13,7 +13,8 @@ import torch
 from captum_implicit import CaptureError, ImplicitAttnGrad
 from captum_implicit.attr import _streaming
 
-from _attr_models import assert_unchanged, snapshot, tiny_mamba_lm
+from _attr_models import tiny_mamba_lm
+from _hygiene import assert_unchanged, snapshot
 from conftest import rel_err
 from test_lrp_families import tiny_mamba2, tiny_rg, tiny_rwkv
 from test_lrp_hybrids import tiny_jamba, tiny_qwen3_next

@@ -26,10 +26,11 @@ from torch import Tensor, nn
 
 from ..core.attention import LayerAttention
 from ..core.capture import Capture
-from ..core.errors import CaptureError, InputError
+from ..core.errors import CaptureError
 from ..core.registry import find_adapter
 from ._utils import (
     GradAnchors,
+    check_attribution_inputs,
     QueryType,
     padding_mask,
     resolve_model,
@@ -119,10 +120,7 @@ class ImplicitAttributionMixin:
         grad_to: GradTo = "none",
     ) -> Run:
         model = resolve_model(self.forward_func, self.model)
-        if inputs[0].dim() < 2:
-            raise InputError(
-                f"the first input must be (B, L) token ids or (B, L, D) embeddings, got {tuple(inputs[0].shape)}"
-            )
+        check_attribution_inputs(self.forward_func, model, inputs, additional_forward_args)
         mask = padding_mask(self.forward_func, inputs, additional_forward_args)
         anchors = _anchors(model, grad_to)
         with Capture(model, track_grad=grad_to == "output") as cap:

@@ -29,10 +29,11 @@ from torch.utils.checkpoint import CheckpointError, checkpoint
 
 from ..core.attention import LayerAttention
 from ..core.capture import Capture, Recording
-from ..core.errors import CaptureError, InputError
+from ..core.errors import CaptureError
 from ._base import _CONTAINERS, _anchors, _block_of
 from ._utils import (
     QueryType,
+    check_attribution_inputs,
     padding_mask,
     resolve_model,
     resolve_queries,
@@ -143,12 +144,8 @@ class streamed_run:  # noqa: N801 - a context manager used like a function
         self._capture.__exit__(*exc)
 
     def _forward_backward(self, cap: Capture) -> StreamedRun:
-        inputs = self.inputs
-        if inputs[0].dim() < 2:
-            raise InputError(
-                f"the first input must be (B, L) token ids or (B, L, D) embeddings, got {tuple(inputs[0].shape)}"
-            )
-        model = self.model
+        inputs, model = self.inputs, self.model
+        check_attribution_inputs(self.forward_func, model, inputs, self.afa)
         mask = padding_mask(self.forward_func, inputs, self.afa)
         blocks: dict[str, nn.Module] = {}
         for name, _, _ in cap._targets:

@@ -15,6 +15,7 @@ from captum._utils.common import _select_targets
 from captum._utils.typing import TargetType
 from torch import Tensor, nn
 
+from ..core.capture import check_inputs
 from ..core.errors import InputError
 
 QueryType = int | Sequence[int] | Tensor | None
@@ -44,6 +45,24 @@ def resolve_model(forward_func: Callable, model: nn.Module | None) -> nn.Module:
 
 
 # -------------------------------------------------------------------- inputs
+def check_attribution_inputs(
+    forward_func: Callable, model: nn.Module, inputs: tuple[Tensor, ...], additional_forward_args: tuple
+) -> None:
+    """Refuse inputs the explanation cannot run on, before the model runs, with an error naming the problem.
+
+    The first input must be ``(B, L)`` token ids or ``(B, L, D, ...)`` embeddings with ``L ≥ 1``; where the model
+    itself is an HF model called directly, its inputs are checked as HF's (:func:`~captum_implicit.core.capture.
+    check_inputs`: integer ``(B, L)`` ids, no NaN or inf in floating inputs). A wrapper's own inputs are its own.
+    """
+    first = inputs[0]
+    if first.dim() < 2:
+        raise InputError(f"the first input must be (B, L) token ids or (B, L, D) embeddings, got {tuple(first.shape)}")
+    if first.shape[0] == 0 or first.shape[1] == 0:
+        raise InputError(f"the first input has no tokens to explain: shape {tuple(first.shape)} (B, L, ...)")
+    if forward_func is model and getattr(model, "main_input_name", None) == "input_ids":  # an HF model's own forward
+        check_inputs(model, (*inputs, *additional_forward_args), {})
+
+
 def padding_mask(forward_func: Callable, inputs: tuple, additional_forward_args: tuple) -> Tensor | None:
     """The ``(B, L)`` padding mask among the forward arguments, found by parameter name.
 
@@ -136,7 +155,12 @@ def target_scores(
     if scores.dim() == 3:
         q = resolve_queries(query_position, mask, batch, scores.shape[1]).to(scores.device)
         scores = scores[torch.arange(batch, device=scores.device), q]
-    scores = _select_targets(scores, target)
+    try:
+        scores = _select_targets(scores, target)
+    except IndexError as err:  # torch's message names neither the target nor what it indexes
+        raise InputError(
+            f"target {target!r} is out of range for the {scores.shape[-1]} scores per example of the model's output"
+        ) from err
     if scores.numel() != batch:
         raise InputError(
             f"the forward output gives {scores.numel() // max(batch, 1)} scores per example after target "
