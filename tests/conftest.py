@@ -136,6 +136,34 @@ class OutputRecorder:
             h.remove()
 
 
+def capture_with_kernel(model: torch.nn.Module, function: str, package: str, **inputs) -> list:
+    """``implicit_attention(model, **inputs)``, checking that each captured layer's call of the transformers kernel
+    wrapper ``function`` (a global of the layer's modeling file) ran ``package``'s kernel: transformers bound it
+    (the wrapper's ``package``) and the capture did not force its pure-torch fallback. Without this a GPU test
+    meant for fla's kernels would pass as well on a machine where transformers bound none (torch against torch)."""
+    import sys
+
+    from captum_implicit.core.capture import Capture, check_inputs
+
+    check_inputs(model, (), inputs)
+    with Capture(model) as cap, torch.no_grad():
+        model(**inputs)
+        layers = cap.layers
+    checked = 0
+    for rec in cap.recordings:
+        calls = rec.calls_of(function)
+        if not calls:
+            continue
+        wrapper = getattr(sys.modules[type(rec.module).__module__], function)
+        cells = dict(zip(wrapper.__code__.co_freevars, wrapper.__closure__ or (), strict=False))
+        bound = cells["package"].cell_contents if "package" in cells else None
+        assert bound == package, f"{rec.name}: transformers bound {bound!r} to {function}, not {package!r}"
+        assert not any(c.torch_fallback for c in calls), f"{rec.name}: {function} ran its torch fallback"
+        checked += 1
+    assert checked, f"no captured layer called {function}"
+    return layers
+
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 
 

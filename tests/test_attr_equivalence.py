@@ -85,7 +85,7 @@ def test_blockwise_attn_grad_equals_dense_autograd(padding) -> None:
     want = dense_attn_grad_maps(model, run.layers, lambda: _score(model, ids, mask, q))
     if mask is not None:
         want = [w * mask[:, None, :].double() for w in want]
-    for layer_idx, (g, w) in enumerate(zip(got, want)):
+    for layer_idx, (g, w) in enumerate(zip(got, want, strict=True)):
         assert rel_err(g, w) < 1e-10, (layer_idx, rel_err(g, w))
 
     rel = method.attribute(ids, target=TARGET, additional_forward_args=afa)
@@ -132,7 +132,7 @@ def test_hybrid_layers_enter_the_rollout_uniformly() -> None:
         got = list(reversed(list(attn_grad_maps(run, 0))))
         score = lambda: model(ids)[torch.arange(ids.shape[0]), q, TARGET].sum()  # noqa: E731
         want = dense_attn_grad_maps(model, run.layers, score)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             assert rel_err(g, w) < 1e-10
         assert rel_err(method.attribute(ids, target=TARGET), dense_rollout_row(want, q)) < 1e-10
         want_abs = dense_attn_grad_maps(model, run.layers, score, absolute=True)

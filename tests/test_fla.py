@@ -3,10 +3,13 @@
 fla's layer modules cannot run on CPU (every kernel, norm and short conv is Triton: "0 active drivers"), so
 on CPU the closed forms are checked against fla's own naive references (``fla.ops.*.naive``, which compute in
 float32) and against a float64 step-by-step recurrence written here; on the GPU against fla's Triton chunk
-kernels. Skipped when ``fla`` is absent (optional extra ``fla``; see docs/supported.md).
+kernels. The checks against fla's references and kernels skip where ``fla`` is absent (optional extra ``fla``;
+see docs/supported.md); those against the float64 recurrence and between the views run without it.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,19 +21,23 @@ from captum_implicit.layers.gated_deltanet import delta_rule_matrix, l2_normalis
 from captum_implicit.layers.gla import GLAAttention, build_gla_attention, gla_matrix, retention_log_decay
 from conftest import GPU_BOUND, assert_views_match_dense, rel_err, requires_cuda
 
-fla = pytest.importorskip("fla")
-# GPU runs put fla's float32 kernels in IEEE mode (tests/conftest.py::_fla_in_full_float32; Triton's TF32 default
-# gives ~1e-3), so the exact closed form must match them to float32 rounding
-
-from fla.ops.delta_rule.naive import delta_rule_recurrence  # noqa: E402
-from fla.ops.gla.naive import naive_recurrent_gla  # noqa: E402
-from fla.ops.retention.naive import naive_retention  # noqa: E402
-from fla.ops.rwkv6.recurrent_naive import naive_recurrent_rwkv6  # noqa: E402
-
 H, DK, DV = 3, 8, 4
 # fla's naive references cast everything to float32 and run a float32 recurrence: the float64 closed form
 # agrees with them to float32 rounding accumulated over ≤ 70 steps (measured ≤ 2e-7)
 NAIVE_BOUND = 1e-5
+
+
+@pytest.fixture(scope="module")
+def naive() -> SimpleNamespace:
+    """fla's naive references (float32 recurrences); a test that takes them skips where fla is absent."""
+    pytest.importorskip("fla")
+    from fla.ops.delta_rule.naive import delta_rule_recurrence
+    from fla.ops.gla.naive import naive_recurrent_gla
+    from fla.ops.retention.naive import naive_retention
+    from fla.ops.rwkv6.recurrent_naive import naive_recurrent_rwkv6
+
+    return SimpleNamespace(gla=naive_recurrent_gla, retention=naive_retention, rwkv6=naive_recurrent_rwkv6,
+                           delta_rule=delta_rule_recurrence)
 
 
 def _factors(seed: int, length: int, dtype=torch.float32, decay_scale: float = 1.0) -> dict:
@@ -71,11 +78,15 @@ def _recurrence64(q, k, v, g, scale, u=None) -> torch.Tensor:
 
 
 @given(seed=st.integers(0, 2**16), length=st.integers(1, 70))
-def test_gla_equals_fla_naive_and_float64_recurrence(seed, length):
+def test_gla_equals_fla_naive(naive, seed, length):
     f = _factors(seed, length)
     attn = build_gla_attention("gla", query=f["q"], key=f["k"], value=f["v"], log_decay=f["g"])
-    naive, _ = naive_recurrent_gla(f["q"], f["k"], f["v"], f["g"])
-    assert rel_err(attn.output(), _as_output(naive)) < NAIVE_BOUND
+    out, _ = naive.gla(f["q"], f["k"], f["v"], f["g"])
+    assert rel_err(attn.output(), _as_output(out)) < NAIVE_BOUND
+
+
+@given(seed=st.integers(0, 2**16), length=st.integers(1, 70))
+def test_gla_equals_float64_recurrence(seed, length):
     f64 = _factors(seed, length, torch.float64)
     attn64 = build_gla_attention("gla", query=f64["q"], key=f64["k"], value=f64["v"], log_decay=f64["g"])
     ref = _recurrence64(f64["q"], f64["k"], f64["v"], f64["g"], DK**-0.5)
@@ -83,25 +94,30 @@ def test_gla_equals_fla_naive_and_float64_recurrence(seed, length):
 
 
 @given(seed=st.integers(0, 2**16), length=st.integers(1, 70))
-def test_hgrn2_is_gla_with_forget_gate_as_key(seed, length):
+def test_hgrn2_is_gla_with_forget_gate_as_key(naive, seed, length):
     """HGRN2 feeds GLA's kernel k = 1 − e^{g} (fla.layers.hgrn2); the same closed form applies."""
     f = _factors(seed, length)
     key = 1 - f["g"].exp()
     attn = build_gla_attention("hgrn2", query=f["q"], key=key, value=f["v"], log_decay=f["g"], family="hgrn2")
-    naive, _ = naive_recurrent_gla(f["q"], key, f["v"], f["g"])
+    out, _ = naive.gla(f["q"], key, f["v"], f["g"])
     assert attn.family == "hgrn2"
-    assert rel_err(attn.output(), _as_output(naive)) < NAIVE_BOUND
+    assert rel_err(attn.output(), _as_output(out)) < NAIVE_BOUND
 
 
 @given(seed=st.integers(0, 2**16), length=st.integers(1, 70))
-def test_retention_equals_fla_naive(seed, length):
+def test_retention_equals_fla_naive(naive, seed, length):
     f = _factors(seed, length)
     decay = retention_log_decay(H)[None, None, :].expand(2, length, H)  # fixed per-head decay
     attn = build_gla_attention("ret", query=f["q"], key=f["k"], value=f["v"], log_decay=decay, family="retnet")
-    naive = naive_retention(*(_heads_first(f[x]) for x in "qkv"))
+    out = naive.retention(*(_heads_first(f[x]) for x in "qkv"))
     # naive_retention forms the decay in float32 as exp2((n − m)·log2(1 − 2^{−5−h})): float32 rounding of
     # the exponent grows with the distance n − m, hence a slightly wider float32-level bound
-    assert rel_err(attn.output(), _as_output(_heads_first(naive))) < 1e-4
+    assert rel_err(attn.output(), _as_output(_heads_first(out))) < 1e-4
+
+
+@given(seed=st.integers(0, 2**16), length=st.integers(1, 70))
+def test_retention_equals_float64_recurrence(seed, length):
+    decay = retention_log_decay(H)[None, None, :].expand(2, length, H)  # fixed per-head decay
     f64 = _factors(seed, length, torch.float64)
     attn64 = build_gla_attention("ret", query=f64["q"], key=f64["k"], value=f64["v"], log_decay=decay)
     ref = _recurrence64(f64["q"], f64["k"], f64["v"], decay[..., None].expand(-1, -1, -1, DK), DK**-0.5)
@@ -109,13 +125,17 @@ def test_retention_equals_fla_naive(seed, length):
 
 
 @given(seed=st.integers(0, 2**16), length=st.integers(1, 70))
-def test_rwkv6_equals_fla_naive_and_float64_recurrence(seed, length):
+def test_rwkv6_equals_fla_naive(naive, seed, length):
     f = _factors(seed, length)
     # fla.layers.rwkv6 calls its kernel with scale=1 and w = −exp(·) (any log-decay ≤ 0)
     attn = build_gla_attention("rwkv6", query=f["q"], key=f["k"], value=f["v"], log_decay=f["g"], scale=1.0,
                                 bonus=f["u"], family="rwkv6")
-    naive, _ = naive_recurrent_rwkv6(*(_heads_first(f[x]) for x in "qkvg"), f["u"], scale=1.0)
-    assert rel_err(attn.output(), _as_output(_heads_first(naive))) < NAIVE_BOUND
+    out, _ = naive.rwkv6(*(_heads_first(f[x]) for x in "qkvg"), f["u"], scale=1.0)
+    assert rel_err(attn.output(), _as_output(_heads_first(out))) < NAIVE_BOUND
+
+
+@given(seed=st.integers(0, 2**16), length=st.integers(1, 70))
+def test_rwkv6_equals_float64_recurrence(seed, length):
     f64 = _factors(seed, length, torch.float64)
     attn64 = build_gla_attention("rwkv6", query=f64["q"], key=f64["k"], value=f64["v"], log_decay=f64["g"],
                                   scale=1.0, bonus=f64["u"])
@@ -124,29 +144,41 @@ def test_rwkv6_equals_fla_naive_and_float64_recurrence(seed, length):
 
 
 @given(seed=st.integers(0, 2**16), length=st.integers(1, 70))
-def test_deltanet_equals_fla_naive(seed, length):
+def test_deltanet_equals_fla_naive(naive, seed, length):
     """DeltaNet is the gated delta rule without the gate: the delta-rule closed form with zero log-decay."""
     f = _factors(seed, length)
     q, k = l2_normalise(f["q"]), l2_normalise(f["k"])  # what use_qk_l2norm_in_kernel does
     beta = torch.sigmoid(f["g"][..., 0])  # (b, L, H)
-    naive, _ = delta_rule_recurrence(*(_heads_first(x) for x in (q, k, f["v"], beta)))
+    out, _ = naive.delta_rule(*(_heads_first(x) for x in (q, k, f["v"], beta)))
     qh, kh = _heads_first(q).double() * DK**-0.5, _heads_first(k).double()
     A = delta_rule_matrix(qh, kh, torch.zeros_like(qh[..., :1]), _heads_first(beta).double())  # (b, H, L, L)
     ours = A @ _heads_first(f["v"]).double()
-    assert rel_err(ours, naive) < NAIVE_BOUND
+    assert rel_err(ours, out) < NAIVE_BOUND
 
 
-def test_long_strong_decay_is_finite():
-    """Total log-decay ≈ −4000 per channel: e^{−G} overflows float64; the closed forms must not."""
+def test_long_strong_decay_is_finite_and_exact():
+    """Total log-decay ≈ −4000 per channel: e^{−G} overflows float64; the closed forms must not, and must equal
+    the direct sum over pairs (each exponent ``G_t − G_s ≤ 0`` taken on its own)."""
     torch.manual_seed(0)
     length = 300
     q, k = torch.randn(2, length, DK, dtype=torch.float64).unbind(0)
     cum = torch.cumsum(-torch.rand(length, DK, dtype=torch.float64) * 25, dim=0)
     assert float(-cum.min()) > 709
-    for u in (None, torch.randn(DK, dtype=torch.float64)):
-        A = gla_matrix(q, k, cum, u)
-        assert torch.isfinite(A).all()
-        assert torch.equal(A, A.tril())
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+
+    def direct(row_cum: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # Σ_d q_td k_sd e^{row_cum_td − G_sd}
+        expo = (row_cum[:, None, :] - cum[None, :, :]).masked_fill(~keep[..., None], float("-inf"))
+        return (q[:, None, :] * k[None, :, :] * torch.exp(expo)).sum(-1)
+
+    gla = gla_matrix(q, k, cum)
+    assert torch.isfinite(gla).all()
+    assert rel_err(gla, direct(cum, causal)) < 1e-12
+    u = torch.randn(DK, dtype=torch.float64)  # RWKV-6: rows read the state before their own decay, u on the diagonal
+    rwkv = gla_matrix(q, k, cum, u)
+    previous = torch.cat([torch.zeros_like(cum[:1]), cum[:-1]])
+    want = direct(previous, causal.tril(-1)) + torch.diag((q * u * k).sum(-1))
+    assert torch.isfinite(rwkv).all()
+    assert rel_err(rwkv, want) < 1e-12
 
 
 @given(seed=st.integers(0, 2**16), length=st.integers(2, 30), rwkv=st.booleans())
@@ -171,6 +203,7 @@ FLOAT32_GPU = GPU_BOUND[torch.float32]
 @requires_cuda
 @pytest.mark.parametrize("length", [37, 200])
 def test_chunk_kernels_on_gpu(length):
+    pytest.importorskip("fla")
     from fla.ops.delta_rule import fused_recurrent_delta_rule  # chunk_delta_rule refuses float32
     from fla.ops.gla import chunk_gla
     from fla.ops.retention import chunk_retention

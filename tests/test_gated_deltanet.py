@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 from captum_implicit.core.capture import implicit_attention
 from captum_implicit.layers.gated_deltanet import DeltaRuleAttention, decayed_products
-from conftest import GPU_BOUND, OutputRecorder, assert_views_match_dense, rel_err, requires_cuda
+from conftest import (
+    GPU_BOUND,
+    OutputRecorder,
+    assert_views_match_dense,
+    capture_with_kernel,
+    rel_err,
+    requires_cuda,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -128,13 +135,21 @@ def test_decayed_products_equal_direct_sum(seed, length, chunk):
 
 
 def test_long_strong_decay_stays_finite():
-    """log-decays summing to −1e4 must not overflow (no (q·e^G)(k·e^−G) factorisation)."""
+    """log-decays summing to −1.2e4 must not overflow (no (q·e^G)(k·e^−G) factorisation), and the products still
+    equal the direct masked sum (each exponent ``G_t − G_s ≤ 0`` on its own), the first diagonals included."""
     length = 300
-    a = torch.randn(1, length, 4, dtype=torch.float64)
-    cum = torch.cumsum(torch.full((1, length, 4), -40.0, dtype=torch.float64), dim=1)
-    out = decayed_products(a, a, cum)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 1, length, 4, generator=g, dtype=torch.float64).unbind(0)
+    cum = torch.cumsum(-80 * torch.rand(1, length, 1, generator=g, dtype=torch.float64), dim=1)  # one decay per row
+    assert float(-cum.min()) > 709  # e^{−G} overflows float64
+    out = decayed_products(a, b, cum)
+    expo = (cum[:, :, None, :] - cum[:, None, :, :]).masked_fill(
+        ~torch.ones(length, length, dtype=torch.bool).tril()[..., None], float("-inf")
+    )
+    direct = (a[:, :, None, :] * b[:, None, :, :] * torch.exp(expo)).sum(-1)
     assert torch.isfinite(out).all()
-    assert torch.allclose(out.diagonal(dim1=-2, dim2=-1), (a * a).sum(-1))
+    assert rel_err(out, direct) < 1e-12
+    assert bool((out.diagonal(offset=-1, dim1=-2, dim2=-1) != 0).any())  # decays small enough to leave some mass
 
 
 @given(seed=st.integers(0, 2**16), length=st.integers(2, 30), reduce=st.sampled_from(["mean", "abs_sum", "max_abs"]))
@@ -156,7 +171,7 @@ def test_fla_kernel_output_on_gpu(kind, dtype):
     model = model.to("cuda", dtype)
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _inputs(0, 2, 200, 5).items()}
     with OutputRecorder(model, suffix=out_name) as rec:
-        layers = implicit_attention(model, **inputs)
+        layers = capture_with_kernel(model, "torch_chunk_gated_delta_rule", "fla", **inputs)
     (attn,) = [a for a in layers if a.family == "gated_deltanet"]
     # float32: fla's kernels in IEEE float32 (conftest._fla_in_full_float32; in their default TF32 mode ~1e-3).
     # bf16: the kernel rounds its output, the gated norm its own, to bf16 (2^-8), the closed form runs in float32

@@ -13,7 +13,7 @@ from captum_implicit.config import blockwise
 from captum_implicit.core.capture import implicit_attention
 from captum_implicit.layers.gated_deltanet import delta_rule_matrix
 from captum_implicit.layers.kda import KDAAttention
-from conftest import GPU_BOUND, OutputRecorder, rel_err, requires_cuda
+from conftest import GPU_BOUND, OutputRecorder, capture_with_kernel, rel_err, requires_cuda
 from test_gated_deltanet import _recurrent_probe
 
 transformers = pytest.importorskip("transformers")
@@ -123,12 +123,14 @@ def test_aggregate_and_row_equal_reductions_of_dense(seed, length, reduce):
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fla_kernel_output_on_gpu(dtype):
-    """On CUDA with fla importable, transformers binds fla's chunk_kda; the closed form must reproduce it."""
+    """On CUDA with fla importable, transformers binds fla's chunk_kda; the capture records it (no torch fallback)
+    and the closed form must reproduce it."""
     pytest.importorskip("fla")
     model = _model(torch.float32, 0).to("cuda", dtype)
     inputs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in _inputs(0, 200, 5).items()}
     with OutputRecorder(model, suffix="o_proj") as rec:
-        attn = _kda(model, **inputs)
+        (attn,) = [a for a in capture_with_kernel(model, "chunk_kimi_delta_attention", "fla", **inputs)
+                   if a.family == "kda"]
     # float32: fla's kernels in IEEE float32 (conftest._fla_in_full_float32; in their default TF32 mode ~1e-3).
     # bf16: the kernel rounds its output, the gated norm its own, to bf16 (2^-8), the closed form runs in float32
     assert rel_err(attn.output(), rec.inputs[attn.name].float()) < GPU_BOUND[dtype]

@@ -422,6 +422,7 @@ def test_gpu_cache_filled_on_first_call_and_continuation_refused():
                 params.seqlen_offset = 20
                 with pytest.raises(LRPError, match="cached state"):
                     model(ids[:, -1:], inference_params=params)
+        assert len(ref_params.key_value_memory_dict) == len(params.key_value_memory_dict) > 0, layer
         for i, (conv, ssm) in ref_params.key_value_memory_dict.items():
             conv2, ssm2 = params.key_value_memory_dict[i]
             # the pre-conv inputs and the last states; float32 rounding apart (Mamba computes in_proj as

@@ -77,8 +77,9 @@ def test_xlstm_canonized_logits_identical(dtype, mode):
     model = tiny_xlstm(seed=1, dtype=dtype, hidden=128, weight_mode=mode, zero_biases=False, use_bias=True)
     ids = torch.randint(1, VOCAB, (2, 11), generator=torch.Generator().manual_seed(1))  # 2 chunks of 4 + 3 steps
     out_cache, ref_cache = check_canonized_logits_identical(model, ids)  # a fresh (zero) cache, as HF fills it
-    for a, b in zip(out_cache.cache.rnn_state.values(), ref_cache.cache.rnn_state.values()):
-        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert out_cache.cache.rnn_state  # the states compared below exist
+    for a, b in zip(out_cache.cache.rnn_state.values(), ref_cache.cache.rnn_state.values(), strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_mlstm_parallel_matches_hf_kernels():

@@ -406,9 +406,11 @@ def test_capture_exact_float64(cfg, length, batch, seed):
     hd = mha.num_heads * mha.head_dim
     assert attn.num_channels == hd + mha.mlp_dim // 2 == real.shape[-1]
     dense = attn.dense()
+    assert torch.allclose(dense[:, :hd].sum(-1), torch.ones((), dtype=dense.dtype), atol=1e-12)  # softmax rows
+    assert bool((dense[:, :hd] >= 0).all())
     if cfg["causal"]:
         assert attn.offset is None
-        assert torch.allclose(dense[:, :hd].sum(-1), torch.ones((), dtype=dense.dtype), atol=1e-12)
+        assert not dense[:, :hd].triu(1).any()
     if mha.mlp_dim:
         eye = torch.eye(length, dtype=dense.dtype).expand_as(dense[:, hd:])
         assert torch.equal(dense[:, hd:], eye)

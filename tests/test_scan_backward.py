@@ -11,6 +11,7 @@ from transformers.models.mamba import modeling_mamba  # noqa: E402
 
 from captum_implicit.adapters._scan_backward import linear_backward_scan  # noqa: E402
 from captum_implicit.core.capture import torch_fallback_of  # noqa: E402
+from captum_implicit.ops.hf_scans import mamba_selective_scan_unbound  # noqa: E402
 
 FALLBACK = torch_fallback_of(modeling_mamba.mamba_selective_scan) or modeling_mamba.mamba_selective_scan
 
@@ -46,6 +47,13 @@ def test_same_forward_bits_and_gradients(dtype: torch.dtype, last_state: bool) -
         results.append(([o.detach() for o in outs], grads))
     (ref_out, ref_grads), (out, grads) = results
     assert all(torch.equal(a, b) for a, b in zip(ref_out, out, strict=True))  # the forward is the fallback's own
+    # the backward differentiates its linear-cost mirror only where the mirror has the fallback's bits (else the
+    # fallback itself, and the gradients above would compare autograd with itself): make sure it is the mirror
+    with torch.no_grad():
+        inp = _inputs(dtype, 0)
+        mirror = mamba_selective_scan_unbound(**inp, delta_softplus=True, return_last_state=True)
+        own = FALLBACK(**inp, delta_softplus=True, return_last_state=True)
+    assert all(torch.equal(a, b) for a, b in zip(mirror, own, strict=True))
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for a, b in zip(ref_grads, grads, strict=True):
         assert torch.allclose(a, b, rtol=tol, atol=tol * float(a.abs().max()))

@@ -188,10 +188,15 @@ def test_trigger_ground_truth_marks_exactly_the_triggers():
 
 # ------------------------------------------------------------------------------------------ training helpers
 @pytest.mark.parametrize("family", ["mamba", "rwkv", "griffin"])
-def test_fast_training_recurrences_match_hf_exactly(family):
+def test_fast_training_recurrences_match_hf_exactly(family, monkeypatch):
     """train.py's unbind/stack recurrences give the same outputs and gradients as HF's own loops."""
+    from captum_implicit.zoo import _fastscan
     from captum_implicit.zoo._fastscan import fast_recurrences
 
+    calls = []  # the twins must run under fast_recurrences (else HF would be compared with itself)
+    for name in ("mamba_selective_scan_unbound", "_rwkv_linear_attention", "_griffin_rnn_scan"):
+        original = getattr(_fastscan, name)
+        monkeypatch.setattr(_fastscan, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     torch.manual_seed(0)
     model = SequenceClassifier(family, small_config(family, 30, hidden=16, layers=2), dropout=0.0).train()
     ids = torch.randint(3, 30, (3, 9))
@@ -207,8 +212,10 @@ def test_fast_training_recurrences_match_hf_exactly(family):
             out = model(ids, mask)
         out.square().sum().backward()
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    twin = {"mamba": "mamba_selective_scan_unbound", "rwkv": "_rwkv_linear_attention", "griffin": "_griffin_rnn_scan"}
+    assert calls and set(calls) == {twin[family]}, calls
     assert torch.equal(results[0][0], results[1][0])
-    for a, b in zip(results[0][1], results[1][1]):
+    for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # autograd may sum the same terms in another order
 
 
