@@ -85,8 +85,10 @@ if torch.cuda.is_available():
 
 #: GPU bounds for the exactness of a layer against its fast kernels: float32 (kernels in IEEE float32, above);
 #: bf16 models, whose kernels round their outputs (and norms, gates) to bf16 (2^-8 ≈ 3.9e-3 each) while the
-#: closed form runs in float32 from the same bf16 inputs
-GPU_BOUND = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+#: closed form runs in float32 from the same bf16 inputs. H200, session 10: every bf16 GPU test under this bound
+#: passes at 1e-2 but the two whole sparse-attention models' linear layers (tests/test_sparse_attention.py, which
+#: states its own bound); 5e-2 until then
+GPU_BOUND = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -167,11 +169,13 @@ def capture_with_kernel(model: torch.nn.Module, function: str, package: str, **i
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")
 
 
-def check_every_layer(model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype, device: str = "cuda") -> list:
+def check_every_layer(
+    model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dtype, device: str = "cuda", bounds: dict | None = None
+) -> list:
     """Capture ``model`` (already on ``device`` in ``dtype``) on ``ids`` ``(b, L)``, the last row left-padded by 5
     tokens, and check that every captured layer's ``output()`` equals the real input of its output projection
-    (``o_proj``, ``out_proj`` or ``linear_out``, recorded independently) within ``GPU_BOUND[dtype]``. Returns the
-    layers, for the caller's checks of their families."""
+    (``o_proj``, ``out_proj`` or ``linear_out``, recorded independently) within ``GPU_BOUND[dtype]`` (or
+    ``bounds[family]`` where given). Returns the layers, for the caller's checks of their families."""
     from contextlib import ExitStack
 
     from captum_implicit.core.capture import implicit_attention
@@ -187,7 +191,7 @@ def check_every_layer(model: torch.nn.Module, ids: torch.Tensor, dtype: torch.dt
     real = {name: x for recorder in recorders for name, x in recorder.inputs.items()}
     for attn in layers:
         err = rel_err(attn.output(), real[attn.name].float())
-        assert err < GPU_BOUND[dtype], (attn.name, attn.family, err)
+        assert err < (bounds or {}).get(attn.family, GPU_BOUND[dtype]), (attn.name, attn.family, err)
     return layers
 
 
