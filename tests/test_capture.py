@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers as tf
+from _hygiene import assert_unchanged, snapshot
 from transformers.models.mamba import modeling_mamba
 
 import captum_implicit as ci
-from _hygiene import assert_unchanged, snapshot
 from captum_implicit.core.capture import Capture, torch_fallback_of
 
 

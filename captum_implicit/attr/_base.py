@@ -30,8 +30,8 @@ from ..core.errors import CaptureError
 from ..core.registry import find_adapter
 from ._utils import (
     GradAnchors,
-    check_attribution_inputs,
     QueryType,
+    check_attribution_inputs,
     padding_mask,
     resolve_model,
     resolve_queries,
