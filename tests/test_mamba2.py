@@ -410,7 +410,8 @@ def test_scalar_decay_tile_long_sequence_float32():
 # tests/conftest.py sets to IEEE float32 for GPU runs (TF32 would give ~5e-3): float32 ≤ 1e-4 (measured to hold at
 # L = 1, 7, 301 and 4096, session 5). bf16 models run the products in bf16 with float32 accumulation and round
 # C·B and the chunk states to bf16 (unit roundoff 3.9e-3); we explain in float32 from the tensors the kernels
-# got, so the gap is the kernels' own rounding: ≤ 5e-2 of the largest output entry. Both are conftest.GPU_BOUND.
+# got, so the gap is the kernels' own rounding: ≤ 2e-2 of the largest output entry (within 1e-2 on the H200, session
+# 10). Both are conftest.GPU_BOUND.
 
 
 def _has(module: str) -> bool:
