@@ -156,14 +156,26 @@ def capture_with_kernel(model: torch.nn.Module, function: str, package: str, **i
         calls = rec.calls_of(function)
         if not calls:
             continue
-        wrapper = getattr(sys.modules[type(rec.module).__module__], function)
-        cells = dict(zip(wrapper.__code__.co_freevars, wrapper.__closure__ or (), strict=False))
-        bound = cells["package"].cell_contents if "package" in cells else None
-        assert bound == package, f"{rec.name}: transformers bound {bound!r} to {function}, not {package!r}"
+        bound = bound_kernel(getattr(sys.modules[type(rec.module).__module__], function))
+        assert bound == package, f"{rec.name}: transformers bound {bound!r}'s kernel to {function}, not {package!r}'s"
         assert not any(c.torch_fallback for c in calls), f"{rec.name}: {function} ran its torch fallback"
         checked += 1
     assert checked, f"no captured layer called {function}"
     return layers
+
+
+def bound_kernel(wrapper) -> str | None:
+    """The package whose kernel transformers bound to the kernel wrapper ``wrapper`` (a modeling-file global), or
+    ``None``: a plain function, or a wrapper left with its torch function because the package did not import (the
+    wrapper names its package either way, so the name alone proves nothing)."""
+    cells = dict(zip(wrapper.__code__.co_freevars, wrapper.__closure__ or (), strict=False))
+    if "implementation" not in cells:
+        return None
+    implementation = cells["implementation"].cell_contents
+    torch_function = cells["torch_function"].cell_contents if "torch_function" in cells else None
+    if implementation is None or implementation is torch_function:
+        return None
+    return getattr(implementation, "__module__", "").partition(".")[0] or None
 
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run on the GPU machine)")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 import transformers as tf
-from conftest import GPU_BOUND, OutputRecorder, rel_err, requires_cuda
+from conftest import GPU_BOUND, OutputRecorder, capture_with_kernel, rel_err, requires_cuda
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -215,3 +217,6 @@ def test_falcon_mamba_on_cuda(dtype):
     ids, mask = _inputs(2, 80, 32, 5, 3)
     layers = _check_exact(model, ids.cuda(), mask.cuda(), GPU_BOUND[dtype])
     assert len(layers) == 2 and all(la.device.type == "cuda" for la in layers)
+    if importlib.util.find_spec("mamba_ssm") is not None:  # the scan that ran is mamba-ssm's (not torch's)
+        capture_with_kernel(model, "mamba_selective_scan", "mamba_ssm", input_ids=ids.cuda(),
+                            attention_mask=mask.cuda(), use_cache=False)
