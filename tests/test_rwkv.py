@@ -128,12 +128,31 @@ def test_output_equals_real_float64(hidden, att, length, batch, seed, cache):
 
 
 def test_dense_is_the_wkv_softmax_with_the_token_shift():
-    """Known answer: group 0 is diag(σ(r))·softmax(e), group 1 the same shifted one column left."""
+    """Known answer: group 0 is diag(σ(r))·softmax(e), group 1 the same shifted one column left — with r, k, the
+    decay and the bonus rebuilt from the layer's weights and its recorded input (HF's token shift and mixes), not
+    taken from the capture, so that a capture error in them cannot cancel."""
     model = make_model(16, 12, seed=3)
     ids = torch.randint(0, VOCAB, (2, 19), generator=torch.Generator().manual_seed(3))
-    attn = ci.implicit_attention(model, input_ids=ids, use_cache=False)[0]
-    ref = naive_wkv(attn.keys, attn.decay, attn.bonus)
-    gate = attn.row_scale[:, :12, :, None]
+    layer = model.rwkv.blocks[0].attention
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    try:
+        attn = ci.implicit_attention(model, input_ids=ids, use_cache=False)[0]
+    finally:
+        handle.remove()
+    h = seen[0]  # (b, L, hidden): ln1 of the block input
+    shifted = torch.nn.functional.pad(h, (0, 0, 1, -1))  # h_{t-1}, zero before the first token
+
+    def mixed(mix: torch.Tensor) -> torch.Tensor:
+        return h * mix + shifted * (1 - mix)
+
+    with torch.no_grad():
+        # (b, C, L); HF's CPU WKV reads each key in float32 (rwkv_linear_attention_cpu), also in a float64 model
+        keys = layer.key(mixed(layer.time_mix_key)).transpose(1, 2).float().double()
+        gate = torch.sigmoid(layer.receptance(mixed(layer.time_mix_receptance))).transpose(1, 2)[..., None]
+        decay, bonus = -torch.exp(layer.time_decay), layer.time_first
+    assert rel_err(attn.keys, keys) <= 1e-13
+    ref = naive_wkv(keys, decay, bonus)
     dense = attn.dense()
     assert rel_err(dense[:, :12], gate * ref) <= 1e-13
     assert rel_err(dense[:, 12:, :, :-1], gate * ref[..., 1:]) <= 1e-13
