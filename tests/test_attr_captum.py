@@ -209,6 +209,11 @@ def test_llm_gradient_attribution_path(lm, name) -> None:
     tok = CharTokenizer()
     method = cls(lm)
     llm = ImplicitLLMAttribution(method, tok)
+    if cls is ImplicitAttnGrad and name != "uia":  # the streamed run too: the length the model ran on, not the prompt's
+        for prompt in ("h", "hello"):
+            plain, streamed = (llm.attribute(TextTokenInput(prompt, tok), target=torch.tensor([3, 4, 5]), **kw,
+                                             **({"streaming": True} if s else {})) for s in (False, True))
+            assert rel_err(streamed.token_attr, plain.token_attr) < TOL, prompt
     assert not method._sequence_layout  # the user's instance is untouched
     prompt, target = "hello", torch.tensor([3, 4, 5])
     res = llm.attribute(TextTokenInput(prompt, tok), target=target, **kw)
@@ -260,6 +265,15 @@ def test_bad_inputs_get_an_error_naming_them(name, streaming) -> None:
     for bad, message in cases:
         with pytest.raises(InputError, match=message):
             cls(model).attribute(bad, target=target, **kw)
+        assert_unchanged(model, before)
+    # a query on padding (its row would be a padding token's) and a position that is not an integer
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # right padding
+    queries = [(-1, r"query_position \[5, 5\] falls on padding .* example\(s\) \[1\]"),
+               (torch.tensor(3.7), "query_position must be integer positions")]
+    for query, message in queries:
+        with pytest.raises(InputError, match=message):
+            cls(model).attribute(ids, target=target, additional_forward_args=(mask,), query_position=query, **kw)
         assert_unchanged(model, before)
 
 

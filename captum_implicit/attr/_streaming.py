@@ -182,7 +182,13 @@ class streamed_run:  # noqa: N801 - a context manager used like a function
         grads = [torch.zeros_like(o) if g is None else g.detach() for o, g in zip(outs, grads, strict=True)]
         for rec in calls:
             rec.output = None  # the outputs are no longer needed (nor their graphs)
-        batch, length = inputs[0].shape[0], inputs[0].shape[1]
+        # the length the model ran on (not inputs[0]'s: the LLM wrapper's first input is the prompt's feature mask)
+        batch, length = outs[0].shape[0], outs[0].shape[1]
+        for rec, out in zip(calls, outs, strict=True):
+            if tuple(out.shape[:2]) != (batch, length):
+                raise CaptureError(
+                    f"layer {rec.name!r} returned {tuple(out.shape)}, expected (batch, length) {(batch, length)} first"
+                )
         queries = resolve_queries(self.query_position, mask, batch, length).to(grads[0].device)
         if mask is not None:
             mask = mask.to(grads[0].device)

@@ -91,7 +91,7 @@ def resolve_queries(query_position: QueryType, mask: Tensor | None, batch: int, 
 
     ``None``: the last non-padding token (by ``mask``), else the last token. An int (negative
     counts from the end of ``length``) applies to every example; a sequence/tensor gives one per
-    example.
+    example. Integer positions only, and none on padding (its row would be a padding token's).
     """
     device = mask.device if mask is not None else None
     if query_position is None:
@@ -102,14 +102,25 @@ def resolve_queries(query_position: QueryType, mask: Tensor | None, batch: int, 
         if bool((last < 0).any()):
             raise InputError("an example has no non-padding token (its attention_mask is all zero)")
         return last
-    q = torch.as_tensor(query_position, dtype=torch.long, device=device)
+    q = torch.as_tensor(query_position, device=device)
+    if q.is_floating_point() or q.is_complex() or q.dtype == torch.bool:
+        raise InputError(f"query_position must be integer positions, got {q.tolist()} ({q.dtype})")
+    q = q.long()
     if q.dim() == 0:
         q = q.expand(batch)
     if q.shape != (batch,):
         raise InputError(f"query_position must be an int or one position per example ({batch}), got {tuple(q.shape)}")
     if bool(((q < -length) | (q >= length)).any()):
         raise InputError(f"query_position {q.tolist()} out of range for sequence length {length}")
-    return q % length
+    q = q % length
+    if mask is not None and mask.shape[1] == length:
+        padded = ~mask.bool()[torch.arange(batch, device=mask.device), q.to(mask.device)]
+        if bool(padded.any()):  # its row would be a padding token's, and padding columns are zeroed
+            raise InputError(
+                f"query_position {q.tolist()} falls on padding (attention_mask 0) in example(s) "
+                f"{padded.nonzero().flatten().tolist()}; query a real token"
+            )
+    return q
 
 
 def valid_tokens(queries: Tensor, mask: Tensor | None, length: int) -> Tensor:
