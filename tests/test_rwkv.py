@@ -395,3 +395,25 @@ def test_cuda(dtype, bound):
         dense = attn.dense()
         assert rel_err(attn.aggregate("abs_mean"), dense.abs().mean(1)) <= 1e-5
     assert math.isfinite(float(layers[0].aggregate("sum").sum()))
+
+
+def test_padding_before_a_query_is_refused_as_the_model_ignores_the_mask():
+    """HF RWKV ignores attention_mask: left padding acts on the tokens after it, so zeroing its columns would
+    misstate the model; the attributions refuse it by name. Padding after the query cannot act on it: explained."""
+    from captum_implicit import ImplicitAttnGrad, ImplicitAttentionRollout, InputError
+
+    model = make_model(8, seed=2)
+    model.config.use_cache = False  # HF RWKV's cache is updated in place: no gradient through it
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(2))
+    left = torch.ones_like(ids)
+    left[1, :2] = 0
+    right = torch.ones_like(ids)
+    right[1, 5:] = 0
+    for method, kwargs in ((ImplicitAttnGrad(model), {"target": 3}), (ImplicitAttnGrad(model), {"target": 3,
+                           "streaming": True}), (ImplicitAttentionRollout(model), {})):
+        with pytest.raises(InputError, match=r"'rwkv.blocks.0.attention' \(RwkvSelfAttention\) does not mask padding"
+                           r".*example\(s\) \[1\] have padding before the query"):
+            method.attribute(ids, additional_forward_args=(left,), **kwargs)
+        padded = method.attribute(ids, additional_forward_args=(right,), **kwargs)  # queries at the last real token
+        alone = method.attribute(ids[1:, :5], **kwargs)
+        assert rel_err(padded[1, :5], alone[0]) <= 1e-10 and not padded[1, 5:].any()

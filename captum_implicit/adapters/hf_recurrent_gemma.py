@@ -120,7 +120,8 @@ def build_hf_rglru(module: nn.Module, rec: Recording, name: str) -> RglruAttenti
 register_adapter(
     Adapter(
         family="rglru",
-        padding="no mask in the model (state resets where position_ids == 0)",
+        padding="no mask in the model (state resets where position_ids == 0); padding before a query is refused",
+        masks_padding=False,
         gpu="HF's torch path on CUDA, float32 ≤ 1e-4 and bf16 ≤ 2e-2, with a state reset, H200 "
         f"(tests/test_rglru.py); {HYBRIDS_ON_CUDA}",
         classes=(f"{_MOD}.RecurrentGemmaRecurrentBlock",),

@@ -202,7 +202,8 @@ def build_hf_rwkv(module: nn.Module, rec: Recording, name: str) -> RwkvAttention
 register_adapter(
     Adapter(
         family="rwkv",
-        padding="ignored by the model (HF warns); ignored here too",
+        padding="ignored by the model (HF warns); padding before a query is refused",
+        masks_padding=False,
         gpu="HF on CUDA (torch WKV; the hub CUDA kernel was not available), float32 ≤ 1e-4 and bf16 ≤ 2e-2, H200 "
         "(tests/test_rwkv.py)",
         classes=(f"{_MOD}.RwkvSelfAttention",),

@@ -57,7 +57,8 @@ def build_hf_mlstm(module: nn.Module, rec: Recording, name: str) -> MLSTMAttenti
 register_adapter(
     Adapter(
         family="mlstm",
-        padding="no mask in the model",
+        padding="no mask in the model; padding before a query is refused",
+        masks_padding=False,
         gpu="HF's native chunkwise kernels on CUDA, float32 ≤ 1e-4, L = 80 (five chunks), H200 "
         "(tests/test_mlstm.py::test_cuda_float32); bf16 untested: HF's own kernel fails in bf16",
         classes=("transformers.models.xlstm.modeling_xlstm.xLSTMLayer",),

@@ -89,7 +89,8 @@ register_adapter(
         output_module="out_proj",
         prepare=_switched_off("use_fast_path"),
         cpu="— (mamba-ssm needs CUDA)",
-        padding="no mask in mamba-ssm",
+        padding="no mask in mamba-ssm; padding before a query is refused",
+        masks_padding=False,
         gpu="CUDA selective scan, float32 ≤ 1e-4 and bf16 ≤ 3e-2, L = 1 … 4096 and a MambaLMHeadModel, H200 "
         f"(tests/test_gpu_mamba.py; fused path switched off during capture); {BOTH_CONVS}",
         notes="fused fast path switched off during capture (same CUDA kernels, unfused)",
@@ -154,7 +155,8 @@ register_adapter(
         output_module="out_proj",
         prepare=_switched_off("use_mem_eff_path"),
         cpu="— (mamba-ssm needs CUDA)",
-        padding="no mask in mamba-ssm",
+        padding="no mask in mamba-ssm; padding before a query is refused",
+        masks_padding=False,
         gpu="Triton chunk scan, float32 ≤ 1e-4 and bf16 ≤ 2e-2, L = 1, 301, 4096, gated RMSNorm on and off, H200 "
         f"(tests/test_mamba2.py; mem-eff path switched off during capture); {BOTH_CONVS}",
         notes="fused mem-eff path switched off during capture (same Triton kernels, unfused)",
@@ -237,7 +239,8 @@ register_adapter(
         submodule_inputs=("in_proj",),
         output_module="out_proj",
         cpu="yes (stand-in running mha.py's forward; mamba-ssm cannot be imported on CPU)",
-        padding="no mask in mamba-ssm",
+        padding="no mask in mamba-ssm; padding before a query is refused",
+        masks_padding=False,
         gpu="F.scaled_dot_product_attention (flash / mem-efficient), float32 ≤ 1e-4; GQA, d_conv and mlp_dim "
         "configs, H200 (tests/test_mamba_ssm_mha.py); rotary needs flash_attn: untested",
         notes="probabilities recomputed from the q / k SDPA got (after conv, rotary, GQA repeat); values = V per "

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ..core.attention import LayerAttention
 from ..core.capture import Capture
-from ..core.errors import CaptureError
+from ..core.errors import CaptureError, InputError
 from ..core.registry import find_adapter
 from ._utils import (
     GradAnchors,
@@ -124,6 +124,7 @@ class ImplicitAttributionMixin:
         mask = padding_mask(self.forward_func, inputs, additional_forward_args)
         anchors = _anchors(model, grad_to)
         with Capture(model, track_grad=grad_to == "output") as cap:
+            refuse_unmasked_padding(cap._targets, mask, query_position)
             with anchors if anchors is not None else nullcontext(), torch.set_grad_enabled(grad_to != "none"):
                 output = self.forward_func(*inputs, *additional_forward_args)
                 layers = cap.layers
@@ -150,6 +151,29 @@ class ImplicitAttributionMixin:
     def _format(self, relevance: Tensor, inputs: tuple[Tensor, ...], is_tuple: bool) -> Any:
         out = to_input_layout(relevance.detach(), inputs, self._sequence_layout)
         return _format_output(is_tuple, out)
+
+
+def refuse_unmasked_padding(targets: list, mask: Tensor | None, query_position: QueryType) -> None:
+    """Refuse a batch with padding before an example's query when a captured layer's model ignores the padding mask
+    (``Adapter.masks_padding``): there the padding tokens act on the tokens after them, and zeroing their columns,
+    as the attributions do, would misstate what the model did. ``targets``: the capture's ``(name, module,
+    adapter)``; ``mask``: ``(B, L)`` as found among the forward arguments."""
+    if mask is None or bool(mask.all()):
+        return
+    ignoring = [(name, module) for name, module, adapter in targets if not adapter.masks_padding]
+    if not ignoring:
+        return
+    batch, length = mask.shape
+    queries = resolve_queries(query_position, mask, batch, length).to(mask.device)
+    positions = torch.arange(length, device=mask.device)
+    padded = (~mask.bool() & (positions[None, :] < queries[:, None])).any(dim=1)
+    if bool(padded.any()):
+        name, module = ignoring[0]
+        raise InputError(
+            f"layer {name!r} ({type(module).__name__}) does not mask padding: its model lets padding tokens act on "
+            f"the tokens after them, and example(s) {padded.nonzero().flatten().tolist()} have padding before the "
+            "query. Explain those examples without it (one at a time, or padded on the right)"
+        )
 
 
 def layer_maps(

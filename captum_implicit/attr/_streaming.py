@@ -30,7 +30,7 @@ from torch.utils.checkpoint import CheckpointError, checkpoint
 from ..core.attention import LayerAttention
 from ..core.capture import Capture, Recording
 from ..core.errors import CaptureError
-from ._base import _CONTAINERS, _anchors, _block_of
+from ._base import _CONTAINERS, _anchors, _block_of, refuse_unmasked_padding
 from ._utils import (
     QueryType,
     check_attribution_inputs,
@@ -147,6 +147,7 @@ class streamed_run:  # noqa: N801 - a context manager used like a function
         inputs, model = self.inputs, self.model
         check_attribution_inputs(self.forward_func, model, inputs, self.afa)
         mask = padding_mask(self.forward_func, inputs, self.afa)
+        refuse_unmasked_padding(cap._targets, mask, self.query_position)
         blocks: dict[str, nn.Module] = {}
         for name, _, _ in cap._targets:
             block = _block_of(model, name)

@@ -56,6 +56,10 @@ class Adapter:
         Whether the CPU exactness tests cover this class (for the generated support table).
     padding : str
         How padding masks are handled (for the generated support table).
+    masks_padding : bool
+        Whether the model keeps padding tokens from acting on the tokens after them when it is given a padding
+        mask (the attributions then zero padding columns). False where it ignores the mask: a batch with padding
+        before an example's query is refused, since zeroing those columns would misstate what the model did.
     gpu : str
         Which GPU kernels the exactness tests cover (for the generated support table).
     notes : str
@@ -72,6 +76,7 @@ class Adapter:
     prepare_model: Callable[[nn.Module], Callable[[], None]] | None = None
     cpu: str = "yes"
     padding: str = ""
+    masks_padding: bool = True
     gpu: str = ""
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
