@@ -351,12 +351,6 @@ def freeze(attn: LayerAttention) -> None:
             setattr(attn, key, value.detach())
 
 
-def check_finite(attn: LayerAttention) -> None:
-    """Raise :class:`NonFiniteError` if any captured factor of ``attn`` is NaN or infinite."""
-    flags = _finite_flags(attn)
-    _raise_if_not_finite([] if flags is None else [(attn, *flags)])
-
-
 def _finite_flags(attn: LayerAttention) -> tuple[list[str], Tensor] | None:
     """The names of ``attn``'s floating-point factors and, on the device (not read), each one's largest magnitude
     in float64: finite exactly when the factor is (a NaN propagates through the maximum, and float64 holds every
