@@ -115,6 +115,18 @@ def assert_views_match_dense(
         assert rel_err(attn.apply(), dense @ attn.values) < 1e-12
 
 
+def direct_decayed_products(
+    a: torch.Tensor, b: torch.Tensor, cum: torch.Tensor, keep: torch.Tensor, row_cum: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``Σ_d a[t, d] · b[s, d] · e^{row_cum[t, d] − cum[s, d]}`` where ``keep[t, s]``, else 0: each exponent taken
+    on its own (no factorisation, so no overflow however long the decay), the reference the factorised products
+    are checked against. ``a``, ``b``: ``(..., L, d)``; ``cum``, ``row_cum`` (default ``cum``): ``(..., L, d | 1)``;
+    ``keep``: ``(L, L)`` bool. Returns ``(..., L, L)``."""
+    row_cum = cum if row_cum is None else row_cum
+    expo = (row_cum[..., :, None, :] - cum[..., None, :, :]).masked_fill(~keep[..., None], float("-inf"))
+    return (a[..., :, None, :] * b[..., None, :, :] * torch.exp(expo)).sum(-1)
+
+
 class OutputRecorder:
     """Record the real input of each named submodule (e.g. every mixer's ``out_proj``), independently of
     captum-implicit's own hooks. Use as a context manager; ``.inputs[name]`` holds the tensors."""

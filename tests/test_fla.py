@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from captum_implicit.layers.gated_deltanet import delta_rule_matrix, l2_normalise
 from captum_implicit.layers.gla import GLAAttention, build_gla_attention, gla_matrix, retention_log_decay
-from conftest import GPU_BOUND, assert_views_match_dense, rel_err, requires_cuda
+from conftest import GPU_BOUND, assert_views_match_dense, direct_decayed_products, rel_err, requires_cuda
 
 H, DK, DV = 3, 8, 4
 # fla's naive references cast everything to float32 and run a float32 recurrence: the float64 closed form
@@ -165,18 +165,13 @@ def test_long_strong_decay_is_finite_and_exact():
     cum = torch.cumsum(-torch.rand(length, DK, dtype=torch.float64) * 25, dim=0)
     assert float(-cum.min()) > 709
     causal = torch.ones(length, length, dtype=torch.bool).tril()
-
-    def direct(row_cum: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # Σ_d q_td k_sd e^{row_cum_td − G_sd}
-        expo = (row_cum[:, None, :] - cum[None, :, :]).masked_fill(~keep[..., None], float("-inf"))
-        return (q[:, None, :] * k[None, :, :] * torch.exp(expo)).sum(-1)
-
     gla = gla_matrix(q, k, cum)
     assert torch.isfinite(gla).all()
-    assert rel_err(gla, direct(cum, causal)) < 1e-12
+    assert rel_err(gla, direct_decayed_products(q, k, cum, causal)) < 1e-12
     u = torch.randn(DK, dtype=torch.float64)  # RWKV-6: rows read the state before their own decay, u on the diagonal
     rwkv = gla_matrix(q, k, cum, u)
     previous = torch.cat([torch.zeros_like(cum[:1]), cum[:-1]])
-    want = direct(previous, causal.tril(-1)) + torch.diag((q * u * k).sum(-1))
+    want = direct_decayed_products(q, k, cum, causal.tril(-1), row_cum=previous) + torch.diag((q * u * k).sum(-1))
     assert torch.isfinite(rwkv).all()
     assert rel_err(rwkv, want) < 1e-12
 
