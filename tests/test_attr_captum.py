@@ -29,6 +29,8 @@ METHODS = {
     "mamba_attr": (MambaAttr, {}),
 }
 GRADIENT = ("attn_grad", "attn_grad_gae", "uia", "mamba_attr")
+#: the methods with a streamed run (``streaming=True``: an option of ImplicitAttnGrad's chefer method)
+STREAMED = ("attn_grad", "attn_grad_gae")
 TOL = 1e-10  # float64 model, float64 attributions
 
 
@@ -209,7 +211,7 @@ def test_llm_gradient_attribution_path(lm, name) -> None:
     tok = CharTokenizer()
     method = cls(lm)
     llm = ImplicitLLMAttribution(method, tok)
-    if cls is ImplicitAttnGrad and name != "uia":  # the streamed run too: the length the model ran on, not the prompt's
+    if name in STREAMED:  # the streamed run too: the length the model ran on, not the prompt's
         for prompt in ("h", "hello"):
             plain, streamed = (llm.attribute(TextTokenInput(prompt, tok), target=torch.tensor([3, 4, 5]), **kw,
                                              **({"streaming": True} if s else {})) for s in (False, True))
@@ -248,7 +250,7 @@ def test_bad_inputs_get_an_error_naming_them(name, streaming) -> None:
     """Inputs an explanation cannot run on are refused before the model runs, with the problem named (not the
     model's or torch's own message from deep inside the forward), and the model is left as it was."""
     cls, kw = METHODS[name]
-    if streaming and (cls is not ImplicitAttnGrad or name == "uia"):
+    if streaming and name not in STREAMED:
         pytest.skip("streaming is an option of ImplicitAttnGrad's chefer method")
     kw = {**kw, "streaming": True} if streaming else kw
     model = tiny_mamba_lm(2)
@@ -328,7 +330,7 @@ def test_nothing_captured_outlives_the_call(name, streaming) -> None:
     from captum_implicit import LayerAttention
 
     cls, kw = METHODS[name]
-    if streaming and (cls is not ImplicitAttnGrad or name == "uia"):
+    if streaming and name not in STREAMED:
         pytest.skip("streaming is an option of ImplicitAttnGrad's chefer method")
     model = tiny_mamba_lm(2)
     ids = torch.randint(1, 40, (2, 6))
